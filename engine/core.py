@@ -1,0 +1,109 @@
+"""EngineCore: the scheduler and the executor, one synchronous step at a time.
+
+`step()` is the whole loop body: schedule a batch, run it, apply the results. The core does no
+IO of its own, so the offline front door drives it directly and the async engine drives the same
+object from its event loop (submitting and collecting separately, so more than one batch can be
+in flight).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+from engine.config import ParallelConfig
+from engine.outputs import RequestOutput
+from engine.protocol import StepBatch
+from engine.request import Request
+from engine.sampling_params import MAX_SEED, SamplingParams
+from engine.scheduler import StepScheduler
+from pipelines.model_info import ModelInfo
+from runner.executor import Executor
+
+
+def make_executor(kind: str, model: str, parallel_config: ParallelConfig, device: str | None) -> Executor:
+    if kind == "inproc":
+        if parallel_config.world_size != 1:
+            raise ValueError("executor='inproc' runs a single rank; use executor='mp' for parallel workers")
+        from runner.executor import InprocExecutor
+
+        return InprocExecutor(model, device=device)
+    raise ValueError(f"executor must be 'inproc' or 'mp', got {kind!r}")
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: str = "tiny-qwen-image",
+        *,
+        max_num_seqs: int = 8,
+        parallel_config: ParallelConfig | None = None,
+        executor: str | Executor = "inproc",
+        device: str | None = None,
+        max_waiting: int | None = None,
+    ):
+        self.parallel_config = parallel_config or ParallelConfig()
+        self.parallel_config.validate()
+        self.model_info = ModelInfo.load(model)
+        in_flight = self.parallel_config.pipeline_parallel_size
+        self.scheduler = StepScheduler(max_num_seqs, max_batches_in_flight=in_flight, max_waiting=max_waiting)
+        if isinstance(executor, Executor):
+            self.executor = executor
+        else:
+            self.executor = make_executor(executor, str(self.model_info.path), self.parallel_config, device)
+        self._ids = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------------
+    def make_request(
+        self,
+        prompt: str | dict | None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Validate a prompt and its parameters into a Request (ValueError names the field)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        fields = normalize_prompt(prompt)
+        self.model_info.validate(params, fields["prompt"], fields["negative_prompt"], fields["class_label"])
+        seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return Request(request_id=request_id, params=params, seed=seed, **fields)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping ----------------------------------------------------------------------------
+    def schedule(self) -> StepBatch | None:
+        return self.scheduler.schedule(time.monotonic())
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step batch to completion and return every output it produced."""
+        batch = self.schedule()
+        if batch is None:
+            return []
+        results = self.executor.execute(batch)
+        return self.scheduler.update(results, time.monotonic())
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def normalize_prompt(prompt: str | dict | None) -> dict:
+    """A string, or a dict with prompt / negative_prompt / class_label -> the request's fields."""
+    allowed = ("prompt", "negative_prompt", "class_label")
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "negative_prompt": None, "class_label": None}
+    if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - set(allowed))
+        if unknown:
+            raise ValueError(f"prompt dict has unknown key(s) {unknown}; allowed: {list(allowed)}")
+        return {key: prompt.get(key) for key in allowed}
+    raise ValueError(f"prompt must be a string or a dict with keys {list(allowed)}, got {type(prompt).__name__}")

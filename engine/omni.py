@@ -1,0 +1,100 @@
+"""Omni: the offline front door. Give it prompts, get images back in input order.
+
+Like vLLM's `LLM.generate`, one call submits every prompt at once and lets continuous batching
+interleave them; a bad prompt or parameter set becomes an output with `error` set while the
+others run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from engine.config import ParallelConfig
+from engine.core import EngineCore
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class Omni:
+    def __init__(
+        self,
+        model: str = "tiny-qwen-image",
+        max_num_seqs: int = 8,
+        parallel_config: ParallelConfig | None = None,
+        executor: str = "inproc",
+        device: str | None = None,
+    ):
+        self.core = EngineCore(
+            model, max_num_seqs=max_num_seqs, parallel_config=parallel_config, executor=executor, device=device
+        )
+
+    def generate(
+        self,
+        prompts: str | dict | Sequence[str | dict],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(params_list)} entries but there are {len(prompts)} prompts"
+                )
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        index_of: dict[str, int] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            try:
+                request = self.core.make_request(prompt, params)
+            except ValueError as exc:
+                results[i] = _rejected(f"omni-rejected-{i}", exc)
+                continue
+            index_of[request.request_id] = i
+            self.core.add_request(request)
+
+        bar = _progress_bar(len(index_of), use_tqdm)
+        try:
+            while index_of:
+                for output in self.core.step():
+                    if output.finished and output.request_id in index_of:
+                        results[index_of.pop(output.request_id)] = output
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for request_id in list(index_of):
+                self.core.abort(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+    def __enter__(self) -> "Omni":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _rejected(request_id: str, exc: Exception) -> RequestOutput:
+    now = time.monotonic()
+    return RequestOutput(
+        request_id, 0, 0, finished=True, error=f"ValueError: {exc}", metrics=RequestMetrics(now, None, 0.0, 0)
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)

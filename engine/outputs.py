@@ -1,0 +1,49 @@
+"""What a caller receives for a request: progress while it runs, then the final images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    queue_time_s: float | None  # arrival until the first step was scheduled
+    latency_s: float | None  # arrival until the final output
+    num_steps: int
+
+
+@dataclass
+class RequestOutput:
+    """One update for one request.
+
+    `images` is set on the final output of a successful request: a list of PIL images for
+    output_type="pil", or a float32 array (N, H, W, 3) in [0, 1] for output_type="np", laid out as
+    diffusers returns it. `error` is None on success.
+    """
+
+    request_id: str
+    step: int
+    num_steps: int
+    finished: bool = False
+    images: Any = None
+    error: str | None = None
+    seed: int | None = None
+    metrics: RequestMetrics | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.finished and self.error is None
+
+
+def to_images(array: np.ndarray, output_type: str) -> Any:
+    """Turn the workers' float array into what the request asked for (diffusers' rounding)."""
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    pixels = (array * 255).round().astype("uint8")
+    return [Image.fromarray(p) for p in pixels]

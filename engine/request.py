@@ -1,0 +1,58 @@
+"""The engine's view of one request: what was asked, where it is in its life, and its timings.
+
+The engine never holds a running request's tensors; those live on the workers. This object is
+what the step scheduler moves between the waiting queue and the running set.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.protocol import NewRequest
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+@dataclass
+class Request:
+    request_id: str
+    params: SamplingParams
+    seed: int
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    class_label: int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    first_scheduled_time: float | None = None
+    finished_time: float | None = None
+    step: int = 0
+    num_steps: int = 0
+    steps_scheduled: int = 0
+    in_flight: int = 0  # step batches holding this request that have not come back yet
+    sent_to_workers: bool = False
+
+    def __post_init__(self) -> None:
+        self.num_steps = self.params.num_inference_steps
+
+    def to_new_request(self) -> NewRequest:
+        return NewRequest(
+            request_id=self.request_id,
+            params=self.params,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            class_label=self.class_label,
+            seed=self.seed,
+        )
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (RequestStatus.FINISHED, RequestStatus.FAILED, RequestStatus.ABORTED)

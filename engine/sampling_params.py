@@ -1,0 +1,81 @@
+"""Per-request generation parameters.
+
+`SamplingParams` is a msgspec Struct so the same object travels unchanged from a client, through
+the engine, to the workers. msgspec does not type-check at construction, so `validate()` checks
+every field and names the field and its allowed range: a bad request must fail alone, with an
+error the user can act on, and never reach a worker.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+MAX_STEPS = 1000
+MAX_CFG_SCALE = 100.0
+MAX_SIDE = 4096
+MAX_SEED = 2**63 - 1
+OUTPUT_TYPES = ("pil", "np")
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How one request is denoised. `None` means "the model's default"."""
+
+    num_inference_steps: int = 20
+    # Qwen-Image: true CFG, active when > 1 and a negative prompt is given (diffusers' default 4.0).
+    true_cfg_scale: float = 4.0
+    # DiT: classifier-free guidance, active when > 1 (diffusers' default 4.0).
+    guidance_scale: float = 4.0
+    # Rescale the CFG combination to the positive branch's norm. None: the model's own default
+    # (on for Qwen-Image, as diffusers' QwenImagePipeline always does; off for DiT).
+    cfg_normalize: bool | None = None
+    height: int | None = None
+    width: int | None = None
+    # None: a random seed is drawn at submission and reported in the output.
+    seed: int | None = None
+    # A diffusers scheduler class name (e.g. "UniPCMultistepScheduler"); None keeps the model's.
+    scheduler: str | None = None
+    # Overrides applied on top of the model's scheduler config.
+    scheduler_config: dict[str, Any] | None = None
+    output_type: str = "pil"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what it accepts."""
+        _int_in("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+        _float_in("true_cfg_scale", self.true_cfg_scale, 0.0, MAX_CFG_SCALE)
+        _float_in("guidance_scale", self.guidance_scale, 0.0, MAX_CFG_SCALE)
+        if self.cfg_normalize is not None and not isinstance(self.cfg_normalize, bool):
+            raise ValueError(f"SamplingParams.cfg_normalize must be true, false or null, got {self.cfg_normalize!r}")
+        for side in ("height", "width"):
+            value = getattr(self, side)
+            if value is not None:
+                _int_in(side, value, 16, MAX_SIDE)
+        if self.seed is not None:
+            _int_in("seed", self.seed, 0, MAX_SEED)
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()):
+            raise ValueError(
+                f"SamplingParams.scheduler must be a diffusers scheduler class name, got {self.scheduler!r}"
+            )
+        if self.scheduler_config is not None:
+            if not isinstance(self.scheduler_config, dict) or not all(
+                isinstance(k, str) for k in self.scheduler_config
+            ):
+                raise ValueError(
+                    "SamplingParams.scheduler_config must be a mapping of scheduler option names to values, "
+                    f"got {self.scheduler_config!r}"
+                )
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"SamplingParams.output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"SamplingParams.{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _float_in(name: str, value: Any, low: float, high: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise ValueError(f"SamplingParams.{name} must be a number in [{low}, {high}], got {value!r}")

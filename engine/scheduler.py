@@ -1,0 +1,152 @@
+"""The step scheduler: which requests take a denoising step next.
+
+Pure and steppable (no IO, no tensors, no clock of its own), so it is unit-tested with fake
+results. Every call to `schedule()` admits waiting requests up to `max_num_seqs` (first come,
+first served) and returns one step batch holding every running request that is not already in a
+batch in flight. With `max_batches_in_flight > 1` (pipeline parallelism) consecutive batches hold
+disjoint requests, so each stage can work on a different batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from engine.outputs import RequestMetrics, RequestOutput, to_images
+from engine.protocol import StepBatch, StepResults
+from engine.request import Request, RequestStatus
+
+
+class StepScheduler:
+    def __init__(self, max_num_seqs: int = 8, max_batches_in_flight: int = 1, max_waiting: int | None = None):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        self.max_num_seqs = max_num_seqs
+        self.max_batches_in_flight = max_batches_in_flight
+        self.max_waiting = max_waiting
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}
+        self.in_flight: dict[int, list[str]] = {}  # step_id -> request ids
+        self._drop: list[str] = []
+        self._next_step_id = 0
+
+    # -- requests in -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+            raise OverloadedError(
+                f"engine overloaded: {len(self.waiting)} requests already waiting (max_waiting={self.max_waiting})"
+            )
+        self.waiting.append(request)
+
+    def abort(self, request_id: str, now: float | None = None) -> RequestOutput | None:
+        """End a waiting or running request; its worker state is dropped with the next batch."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return self._finish(request, RequestStatus.ABORTED, "request aborted", now)
+        request = self.running.pop(request_id, None)
+        if request is None:
+            return None
+        if request.sent_to_workers:
+            self._drop.append(request_id)
+        return self._finish(request, RequestStatus.ABORTED, "request aborted", now)
+
+    def fail_all(self, error: str, now: float | None = None) -> list[RequestOutput]:
+        """End every request with `error` (the workers are gone)."""
+        outputs = [self._finish(r, RequestStatus.FAILED, error, now) for r in [*self.running.values(), *self.waiting]]
+        self.running.clear()
+        self.waiting.clear()
+        self.in_flight.clear()
+        self._drop.clear()
+        return outputs
+
+    # -- one step ----------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def can_schedule(self) -> bool:
+        return len(self.in_flight) < self.max_batches_in_flight and self.has_unfinished()
+
+    def schedule(self, now: float | None = None) -> StepBatch | None:
+        """The next step batch, or None when there is nothing to run (or too much in flight)."""
+        if len(self.in_flight) >= self.max_batches_in_flight:
+            return None
+        now = time.monotonic() if now is None else now
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running[request.request_id] = request
+        new, cached = [], []
+        for request in self.running.values():
+            if request.in_flight:
+                continue
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            if request.sent_to_workers:
+                cached.append(request.request_id)
+            else:
+                new.append(request.to_new_request())
+                request.sent_to_workers = True
+            request.in_flight += 1
+            request.steps_scheduled += 1
+        if not new and not cached and not self._drop:
+            return None
+        batch = StepBatch(step_id=self._next_step_id, new=new, cached=cached, drop=self._drop)
+        self._drop = []
+        self._next_step_id += 1
+        ids = [r.request_id for r in new] + cached
+        if ids:
+            self.in_flight[batch.step_id] = ids
+        return batch
+
+    def update(self, results: StepResults, now: float | None = None) -> list[RequestOutput]:
+        """Apply one batch's results; returns an output per request that is still ours."""
+        now = time.monotonic() if now is None else now
+        ids = self.in_flight.pop(results.step_id, [])
+        outputs = []
+        seen = set()
+        for out in results.outputs:
+            seen.add(out.request_id)
+            request = self.running.get(out.request_id)
+            if request is None:  # aborted while its step was in flight
+                continue
+            request.in_flight -= 1
+            request.step, request.num_steps = out.step, out.num_steps
+            if out.error is not None:
+                del self.running[out.request_id]
+                outputs.append(self._finish(request, RequestStatus.FAILED, out.error, now))
+            elif out.finished:
+                del self.running[out.request_id]
+                images = to_images(out.image, request.params.output_type)
+                outputs.append(self._finish(request, RequestStatus.FINISHED, None, now, images))
+            else:
+                outputs.append(RequestOutput(out.request_id, out.step, out.num_steps, seed=request.seed))
+        for request_id in ids:
+            request = self.running.get(request_id)
+            if request_id not in seen and request is not None:
+                del self.running[request_id]
+                self._drop.append(request_id)
+                outputs.append(self._finish(request, RequestStatus.FAILED, "worker returned no result", now))
+        return outputs
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _finish(self, request, status, error, now, images=None) -> RequestOutput:
+        now = time.monotonic() if now is None else now
+        request.status = status
+        request.finished_time = now
+        queue = None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
+        metrics = RequestMetrics(request.arrival_time, queue, now - request.arrival_time, request.step)
+        return RequestOutput(
+            request.request_id,
+            request.step,
+            request.num_steps,
+            finished=True,
+            images=images,
+            error=error,
+            seed=request.seed,
+            metrics=metrics,
+        )
+
+
+class OverloadedError(RuntimeError):
+    """The waiting queue is full; the request was not accepted."""

@@ -1,0 +1,1 @@
+"""Model families implementing the step contract on real diffusers components, and presets."""

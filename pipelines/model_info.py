@@ -1,0 +1,107 @@
+"""What the engine may know about a model without loading it: family, default size, scheduler.
+
+Read from the diffusers directory's JSON files only (no weights), so the engine process can
+validate a request at submission, name the bad field, and never send it to a worker.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from pipelines.schedulers import build_scheduler
+
+# diffusers pipeline class (model_index.json "_class_name") -> our family name
+FAMILIES = {"QwenImagePipeline": "qwen-image", "DiTPipeline": "dit"}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A preset name or a diffusers-format directory -> that directory."""
+    from pipelines.presets import PRESETS, preset_dir
+
+    if isinstance(model, str) and model in PRESETS:
+        return preset_dir(model)
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"model must be a preset name ({', '.join(PRESETS)}) or a diffusers directory with a "
+            f"model_index.json; got {str(model)!r}"
+        )
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model directory is broken: cannot read {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    family: str
+    default_height: int
+    default_width: int
+    scheduler_config: dict[str, Any]
+    num_classes: int = 0  # DiT: valid class labels are [0, num_classes)
+
+    @property
+    def flow(self) -> bool:
+        return self.family == "qwen-image"
+
+    @classmethod
+    def load(cls, model: str | Path) -> "ModelInfo":
+        path = resolve_model(model)
+        index = _read_json(path / "model_index.json")
+        pipeline_class = index.get("_class_name")
+        if pipeline_class not in FAMILIES:
+            raise ValueError(
+                f"model {str(path)!r} is a {pipeline_class!r}; stepweave serves {', '.join(FAMILIES)}"
+            )
+        family = FAMILIES[pipeline_class]
+        extra = _read_json(path / "stepweave.json") if (path / "stepweave.json").is_file() else {}
+        scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+        transformer = _read_json(path / "transformer" / "config.json")
+        if family == "dit":
+            side = int(transformer["sample_size"]) * 8
+            return cls(path, family, side, side, scheduler_config, int(transformer.get("num_embeds_ada_norm") or 0))
+        # diffusers' QwenImagePipeline default: 128 latent pixels * the VAE's 8x
+        return cls(
+            path,
+            family,
+            int(extra.get("default_height", 1024)),
+            int(extra.get("default_width", 1024)),
+            scheduler_config,
+        )
+
+    def validate(
+        self,
+        params: SamplingParams,
+        prompt: str | None,
+        negative_prompt: str | None,
+        class_label: int | None,
+    ) -> None:
+        """Raise ValueError (naming the field and what it accepts) for a request this model
+        cannot serve; also tries the requested scheduler."""
+        params.validate()
+        if self.family == "qwen-image":
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"prompt must be a non-empty string for {self.family}, got {prompt!r}")
+            if negative_prompt is not None and not isinstance(negative_prompt, str):
+                raise ValueError(f"negative_prompt must be a string or null, got {negative_prompt!r}")
+            for side in ("height", "width"):
+                value = getattr(params, side)
+                if value is not None and value % 16:
+                    raise ValueError(f"SamplingParams.{side} must be a multiple of 16 in [16, 4096], got {value}")
+        else:
+            if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < self.num_classes:
+                raise ValueError(f"class_label must be an integer in [0, {self.num_classes - 1}], got {class_label!r}")
+            for side, default in (("height", self.default_height), ("width", self.default_width)):
+                value = getattr(params, side)
+                if value is not None and value != default:
+                    raise ValueError(f"SamplingParams.{side} must be {default} (fixed by this DiT model), got {value}")
+        build_scheduler(self.scheduler_config, params.scheduler, params.scheduler_config, self.flow)

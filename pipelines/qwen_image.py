@@ -1,0 +1,127 @@
+"""Qwen-Image on diffusers' QwenImagePipeline components, split into the step contract.
+
+Each piece calls the diffusers pipeline's own helpers (prompt encoding, latent preparation and
+packing, the timestep schedule, unpacking and postprocessing), so a request's output equals
+`QwenImagePipeline.__call__` for the same inputs. What changes is the forward: rows of many
+requests (at different timesteps, with both CFG branches) share one transformer call. Prompts of
+different lengths are right-padded and masked with `encoder_hidden_states_mask`, which the
+transformer applies in joint attention, so padding does not change any row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from engine.protocol import NewRequest
+from pipelines.base import StepPipeline
+from pipelines.schedulers import set_flow_timesteps
+from runner.cfg import Row
+from runner.request_state import RequestState
+
+MAX_SEQUENCE_LENGTH = 512  # diffusers' QwenImagePipeline default
+
+
+class QwenImageStepPipeline(StepPipeline):
+    def __init__(self, pipe, info, device):
+        super().__init__(pipe, info, device)
+        self.vae_scale_factor = pipe.vae_scale_factor
+        self.dtype = pipe.transformer.dtype
+        self._text_cache_key: tuple = ()
+        self._text_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def prepare_encode(self, request: NewRequest) -> RequestState:
+        params = request.params
+        height = params.height or self.info.default_height
+        width = params.width or self.info.default_width
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(f"SamplingParams.height and width must be multiples of {multiple}, got {height}x{width}")
+        if not isinstance(request.prompt, str) or not request.prompt:
+            raise ValueError(f"prompt must be a non-empty string, got {request.prompt!r}")
+        pipe = self.pipe
+        do_cfg = params.true_cfg_scale > 1 and request.negative_prompt is not None
+        branches = [request.prompt, request.negative_prompt] if do_cfg else [request.prompt]
+        branch_inputs = []
+        for text in branches:
+            embeds, _ = pipe.encode_prompt(prompt=text, device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            branch_inputs.append({"embeds": embeds, "length": embeds.shape[1]})
+
+        generator = self.new_generator(request)
+        channels = pipe.transformer.config.in_channels // 4
+        latents = pipe.prepare_latents(1, channels, height, width, branch_inputs[0]["embeds"].dtype, self.device, generator)
+        scheduler = self.new_scheduler(request)
+        set_flow_timesteps(scheduler, params.num_inference_steps, image_seq_len=latents.shape[1], device=self.device)
+        scheduler.set_begin_index(0)
+        normalize = True if params.cfg_normalize is None else params.cfg_normalize
+        return RequestState(
+            request=request,
+            generator=generator,
+            scheduler=scheduler,
+            timesteps=scheduler.timesteps,
+            latents=latents,
+            branch_inputs=branch_inputs,
+            cfg_scale=float(params.true_cfg_scale),
+            cfg_normalize=normalize,
+            batch_key=(height, width),
+            extra={"height": height, "width": width},
+        )
+
+    def forward_rows(self, rows: Sequence[Row]) -> torch.Tensor:
+        first = rows[0][0]
+        height, width = first.extra["height"], first.extra["width"]
+        hidden_states = torch.cat([state.latents for state, _ in rows])
+        timestep = torch.stack([state.timestep for state, _ in rows]).to(hidden_states.dtype)
+        embeds, mask = self._text_inputs(rows)
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.tensor(
+                [state.request.params.guidance_scale for state, _ in rows], device=self.device, dtype=torch.float32
+            )
+        side = self.vae_scale_factor * 2
+        img_shapes = [[(1, height // side, width // side)]] * len(rows)
+        return self.pipe.transformer(
+            hidden_states=hidden_states,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=embeds,
+            img_shapes=img_shapes,
+            return_dict=False,
+        )[0]
+
+    def _text_inputs(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Right-padded prompt embeddings and their mask (None when nothing is padded). A step
+        batch usually repeats the previous one's rows, so the last result is reused."""
+        key = tuple((state.request_id, branch) for state, branch in rows)
+        if key == self._text_cache_key and self._text_cache is not None:
+            return self._text_cache
+        inputs = [state.branch_inputs[branch] for state, branch in rows]
+        lengths = [i["length"] for i in inputs]
+        longest = max(lengths)
+        if min(lengths) == longest:
+            result = (torch.cat([i["embeds"] for i in inputs]), None)
+        else:
+            first = inputs[0]["embeds"]
+            embeds = first.new_zeros(len(rows), longest, first.shape[-1])
+            mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=first.device)
+            for row, item in enumerate(inputs):
+                embeds[row, : item["length"]] = item["embeds"][0]
+                mask[row, : item["length"]] = True
+            result = (embeds, mask)
+        self._text_cache_key, self._text_cache = key, result
+        return result
+
+    def post_decode(self, state: RequestState) -> np.ndarray:
+        pipe = self.pipe
+        vae = pipe.vae
+        latents = pipe._unpack_latents(state.latents, state.extra["height"], state.extra["width"], self.vae_scale_factor)
+        latents = latents.to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        latents = latents / inv_std + mean
+        image = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type="np").astype(np.float32, copy=False)

@@ -1,0 +1,108 @@
+"""Per-request diffusers schedulers: choose, configure, check.
+
+A request may name any diffusers scheduler class and override its config; the scheduler is
+built as `cls.from_config(model's scheduler config, **overrides)`. For flow-matching models the
+flow options a solver needs are filled in, so the class name alone works. Every choice is tried
+once (a short `set_timesteps`) before the request is accepted, so an incompatible choice is an
+error at submission instead of a crash mid-batch. Built templates are cached; each request gets
+its own deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+from typing import Any
+
+import diffusers
+import numpy as np
+
+# Options that make a general-purpose solver integrate a flow-matching model's velocity field.
+FLOW_SOLVER_OPTIONS: dict[str, dict[str, Any]] = {
+    "UniPCMultistepScheduler": {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+}
+
+
+def scheduler_class(name: str) -> type:
+    cls = getattr(diffusers, name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ValueError(f"SamplingParams.scheduler: unknown diffusers scheduler class {name!r}")
+    return cls
+
+
+def allowed_scheduler_names(base_class_name: str, flow: bool) -> list[str]:
+    """The model's own scheduler, the classes diffusers declares compatible with it, and for
+    flow-matching models the solvers we know how to switch to flow mode."""
+    base = scheduler_class(base_class_name)
+    names = {base_class_name, *getattr(base, "_compatibles", [])}
+    if flow:
+        names |= set(FLOW_SOLVER_OPTIONS)
+    return sorted(n for n in names if isinstance(getattr(diffusers, n, None), type))
+
+
+def build_scheduler(
+    base_config: dict[str, Any],
+    name: str | None,
+    overrides: dict[str, Any] | None,
+    flow: bool,
+) -> Any:
+    """A fresh scheduler for one request (a deep copy of a checked, cached template)."""
+    key = (json.dumps(base_config, sort_keys=True, default=str), name, json.dumps(overrides or {}, sort_keys=True, default=str), flow)
+    return copy.deepcopy(_checked_template(*key))
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_template(base_json: str, name: str | None, overrides_json: str, flow: bool) -> Any:
+    base_config = json.loads(base_json)
+    overrides = json.loads(overrides_json)
+    base_name = base_config["_class_name"]
+    name = name or base_name
+    if name not in allowed_scheduler_names(base_name, flow):
+        raise ValueError(
+            f"SamplingParams.scheduler: {name!r} cannot drive this model (its scheduler is {base_name}); "
+            f"allowed: {', '.join(allowed_scheduler_names(base_name, flow))}"
+        )
+    cls = scheduler_class(name)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(
+            f"SamplingParams.scheduler_config: {name} has no option(s) {unknown}; allowed: {sorted(accepted)}"
+        )
+    options = dict(FLOW_SOLVER_OPTIONS.get(name, {})) if flow and name != base_name else {}
+    options.update(overrides)
+    try:
+        scheduler = cls.from_config(base_config, **options)
+        trial = copy.deepcopy(scheduler)
+        if flow:
+            set_flow_timesteps(trial, 2, image_seq_len=256)
+        else:
+            trial.set_timesteps(2)
+    except Exception as exc:  # the class or its options do not fit this model
+        raise ValueError(f"SamplingParams.scheduler: {name} with {options or 'default options'} does not work with this model: {exc}") from exc
+    return scheduler
+
+
+def calculate_shift(image_seq_len: int, config: Any) -> float:
+    """The resolution-dependent timestep shift `mu` of Qwen-Image-style flow models (the same
+    linear rule diffusers' QwenImagePipeline uses)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift as diffusers_shift
+
+    return diffusers_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+def set_flow_timesteps(scheduler: Any, num_steps: int, image_seq_len: int, device: Any = None) -> None:
+    """Set a flow-matching schedule exactly as diffusers' QwenImagePipeline does."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
+
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    mu = calculate_shift(image_seq_len, scheduler.config)
+    retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)

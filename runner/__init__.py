@@ -1,0 +1,1 @@
+"""Worker-side execution: per-request state, the model runner, executors, parallel groups."""

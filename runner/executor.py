@@ -1,0 +1,57 @@
+"""The seam between the engine and the workers.
+
+The engine core hands a step batch to `submit` and later takes results from `collect`, in
+submission order; it never sees a tensor of a running request. `InprocExecutor` runs the model
+runner in the engine's own process (for tests, debugging and the smallest deployments); the
+process-based executor speaks the same interface over ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import deque
+
+from engine.protocol import StepBatch, StepResults
+
+
+class EngineDeadError(RuntimeError):
+    """The workers are gone; every request fails until the engine is restarted."""
+
+
+class Executor(abc.ABC):
+    @abc.abstractmethod
+    def submit(self, batch: StepBatch) -> None:
+        """Send a step batch to the workers without waiting for it."""
+
+    @abc.abstractmethod
+    def collect(self, timeout: float | None = None) -> StepResults:
+        """The oldest outstanding batch's results (raises TimeoutError or EngineDeadError)."""
+
+    def execute(self, batch: StepBatch) -> StepResults:
+        self.submit(batch)
+        return self.collect()
+
+    @abc.abstractmethod
+    def state_ids(self) -> list[str]:
+        """Request ids the workers still hold state for (for tests and debugging)."""
+
+    def shutdown(self) -> None:
+        pass
+
+
+class InprocExecutor(Executor):
+    def __init__(self, model: str, device: str | None = None):
+        from pipelines.loading import load_step_pipeline
+        from runner.model_runner import ModelRunner
+
+        self.runner = ModelRunner(load_step_pipeline(model, device=device))
+        self._results: deque[StepResults] = deque()
+
+    def submit(self, batch: StepBatch) -> None:
+        self._results.append(self.runner.execute(batch))
+
+    def collect(self, timeout: float | None = None) -> StepResults:
+        return self._results.popleft()
+
+    def state_ids(self) -> list[str]:
+        return list(self.runner.states)

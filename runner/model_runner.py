@@ -1,0 +1,106 @@
+"""Runs step batches against a step pipeline and owns every running request's state.
+
+Requests that cannot share a forward (different batch keys, e.g. image sizes) run as separate
+groups of the same step, so no request waits for an unrelated one. A failure stays with the
+request that caused it: a group whose forward raises is retried row by row, and a request whose
+prediction is not finite fails alone while the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from engine.protocol import StepBatch, StepOutput, StepResults
+from runner.request_state import RequestState
+
+
+class ModelRunner:
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+        self.states: dict[str, RequestState] = {}
+
+    def execute(self, batch: StepBatch) -> StepResults:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outputs = self._execute(batch)
+        return StepResults(step_id=batch.step_id, outputs=outputs, execute_s=time.perf_counter() - start)
+
+    def _execute(self, batch: StepBatch) -> list[StepOutput]:
+        for request_id in batch.drop:
+            self.states.pop(request_id, None)
+        outputs: list[StepOutput] = []
+        active: list[RequestState] = []
+        for new in batch.new:
+            try:
+                state = self.pipeline.prepare_encode(new)
+            except Exception as exc:
+                outputs.append(_failure(new.request_id, 0, new.params.num_inference_steps, exc))
+                continue
+            self.states[new.request_id] = state
+            active.append(state)
+        for request_id in batch.cached:
+            state = self.states.get(request_id)
+            if state is None:
+                outputs.append(StepOutput(request_id=request_id, step=0, num_steps=0, finished=True, error="worker holds no state for this request"))
+            else:
+                active.append(state)
+        groups: dict[tuple, list[RequestState]] = {}
+        for state in active:
+            groups.setdefault(state.batch_key, []).append(state)
+        for group in groups.values():
+            outputs.extend(self._step_group(group))
+        return outputs
+
+    def _step_group(self, group: list[RequestState]) -> list[StepOutput]:
+        try:
+            predictions = self.pipeline.denoise_step(group)
+        except Exception as exc:
+            if len(group) == 1:
+                return [self._fail(group[0], exc)]
+            return [out for state in group for out in self._step_group([state])]
+        finite = torch.stack([_all_finite(p) for p in predictions]).tolist()
+        outputs = []
+        for state, prediction, ok in zip(group, predictions, finite):
+            if not ok:
+                error = FloatingPointError(f"noise prediction is not finite at step {state.step_index + 1}")
+                outputs.append(self._fail(state, error))
+                continue
+            outputs.append(self._advance(state, prediction))
+        return outputs
+
+    def _advance(self, state: RequestState, prediction: Any) -> StepOutput:
+        try:
+            self.pipeline.step_scheduler(state, prediction)
+            if not state.done:
+                return StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps)
+            if not bool(torch.isfinite(state.latents).all()):
+                raise FloatingPointError("latents are not finite after the last step")
+            image = self.pipeline.post_decode(state)
+        except Exception as exc:
+            return self._fail(state, exc)
+        del self.states[state.request_id]
+        return StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps, finished=True, image=image)
+
+    def _fail(self, state: RequestState, exc: BaseException) -> StepOutput:
+        self.states.pop(state.request_id, None)
+        return _failure(state.request_id, state.step_index, state.num_steps, exc)
+
+
+def _all_finite(prediction: Any) -> torch.Tensor:
+    if isinstance(prediction, tuple):
+        return torch.stack([torch.isfinite(p).all() for p in prediction]).all()
+    return torch.isfinite(prediction).all()
+
+
+def _failure(request_id: str, step: int, num_steps: int, exc: BaseException) -> StepOutput:
+    if isinstance(exc, (ValueError, FloatingPointError)):
+        message = f"{type(exc).__name__}: {exc}"
+    else:
+        frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        where = f" (at {frame[0].filename}:{frame[0].lineno})" if frame else ""
+        message = f"{type(exc).__name__}: {exc}{where}"
+    return StepOutput(request_id=request_id, step=step, num_steps=num_steps, finished=True, error=message)

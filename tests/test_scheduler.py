@@ -1,0 +1,98 @@
+"""The step scheduler, driven with fake results (no model, no workers)."""
+
+import numpy as np
+import pytest
+
+from engine.protocol import StepOutput, StepResults
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import OverloadedError, StepScheduler
+
+
+def make(request_id, steps=3):
+    return Request(request_id=request_id, params=SamplingParams(num_inference_steps=steps, output_type="np"), seed=0, arrival_time=0.0)
+
+
+def fake_results(batch, finished=(), errors=()):
+    outputs = []
+    for rid in [n.request_id for n in batch.new] + batch.cached:
+        if rid in errors:
+            outputs.append(StepOutput(request_id=rid, step=1, num_steps=3, finished=True, error="boom"))
+        elif rid in finished:
+            outputs.append(StepOutput(request_id=rid, step=3, num_steps=3, finished=True, image=np.zeros((1, 2, 2, 3), np.float32)))
+        else:
+            outputs.append(StepOutput(request_id=rid, step=1, num_steps=3))
+    return StepResults(step_id=batch.step_id, outputs=outputs)
+
+
+def test_admits_up_to_max_num_seqs_and_new_requests_join_between_steps():
+    s = StepScheduler(max_num_seqs=2)
+    for rid in "abc":
+        s.add_request(make(rid))
+    b0 = s.schedule(0.0)
+    assert [n.request_id for n in b0.new] == ["a", "b"] and b0.cached == []
+    s.update(fake_results(b0, finished={"a"}), 1.0)
+    b1 = s.schedule(1.0)
+    assert [n.request_id for n in b1.new] == ["c"] and b1.cached == ["b"]
+
+
+def test_final_output_has_images_and_metrics():
+    s = StepScheduler(max_num_seqs=4)
+    s.add_request(make("a"))
+    b = s.schedule(0.0)
+    (out,) = s.update(fake_results(b, finished={"a"}), 2.0)
+    assert out.finished and out.error is None and out.images.shape == (1, 2, 2, 3)
+    assert out.metrics.latency_s >= 0 and not s.has_unfinished()
+
+
+def test_abort_waiting_and_running_drops_worker_state_once():
+    s = StepScheduler(max_num_seqs=1)
+    s.add_request(make("run"))
+    s.add_request(make("wait"))
+    b0 = s.schedule(0.0)
+    assert s.abort("wait").error == "request aborted"
+    assert s.abort("run").finished
+    # results for the aborted request are ignored, and the next batch tells workers to drop it
+    assert s.update(fake_results(b0), 1.0) == []
+    b1 = s.schedule(1.0)
+    assert b1.drop == ["run"] and b1.new == [] and b1.cached == []
+    assert s.abort("unknown") is None
+    assert not s.has_unfinished()
+
+
+def test_one_failure_does_not_end_the_others():
+    s = StepScheduler(max_num_seqs=4)
+    for rid in "ab":
+        s.add_request(make(rid))
+    b = s.schedule(0.0)
+    outs = {o.request_id: o for o in s.update(fake_results(b, errors={"a"}), 1.0)}
+    assert outs["a"].error == "boom" and outs["a"].finished
+    assert outs["b"].error is None and not outs["b"].finished
+    assert s.schedule(1.0).cached == ["b"]
+
+
+def test_batches_in_flight_hold_disjoint_requests():
+    s = StepScheduler(max_num_seqs=8, max_batches_in_flight=2)
+    s.add_request(make("a"))
+    b0 = s.schedule(0.0)
+    s.add_request(make("b"))
+    b1 = s.schedule(0.0)
+    assert [n.request_id for n in b0.new] == ["a"] and [n.request_id for n in b1.new] == ["b"]
+    assert s.schedule(0.0) is None  # two in flight
+    s.update(fake_results(b0), 1.0)
+    assert s.schedule(1.0).cached == ["a"]
+
+
+def test_missing_result_fails_the_request():
+    s = StepScheduler()
+    s.add_request(make("a"))
+    b = s.schedule(0.0)
+    (out,) = s.update(StepResults(step_id=b.step_id, outputs=[]), 1.0)
+    assert out.error == "worker returned no result"
+
+
+def test_bounded_waiting_queue_rejects_when_full():
+    s = StepScheduler(max_num_seqs=1, max_waiting=1)
+    s.add_request(make("a"))
+    with pytest.raises(OverloadedError, match="max_waiting=1"):
+        s.add_request(make("b"))
