@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from dataclasses import dataclass
 
 from engine.config import ParallelConfig
 from engine.outputs import RequestOutput
@@ -22,6 +23,22 @@ from pipelines.model_info import ModelInfo
 from runner.executor import Executor
 
 
+@dataclass
+class EngineStats:
+    """Counters the benchmarks read: how busy the workers were."""
+
+    batches: int = 0
+    rows: int = 0  # request-steps executed
+    execute_s: float = 0.0  # runner time, as the reporting worker measured it
+    worker_idle_s: float = 0.0  # reporting worker's wait between consecutive batches
+
+    def record(self, results) -> None:
+        self.batches += 1
+        self.rows += len(results.outputs)
+        self.execute_s += results.execute_s
+        self.worker_idle_s += results.idle_s
+
+
 def make_executor(kind: str, model: str, parallel_config: ParallelConfig, device: str | None) -> Executor:
     if kind == "inproc":
         if parallel_config.world_size != 1:
@@ -29,6 +46,10 @@ def make_executor(kind: str, model: str, parallel_config: ParallelConfig, device
         from runner.executor import InprocExecutor
 
         return InprocExecutor(model, device=device)
+    if kind == "mp":
+        from runner.mp_executor import MultiprocExecutor
+
+        return MultiprocExecutor(model, parallel_config, device=device)
     raise ValueError(f"executor must be 'inproc' or 'mp', got {kind!r}")
 
 
@@ -39,20 +60,31 @@ class EngineCore:
         *,
         max_num_seqs: int = 8,
         parallel_config: ParallelConfig | None = None,
-        executor: str | Executor = "inproc",
+        executor: str | Executor = "mp",
         device: str | None = None,
         max_waiting: int | None = None,
+        async_scheduling: bool | None = None,
     ):
         self.parallel_config = parallel_config or ParallelConfig()
         self.parallel_config.validate()
         self.model_info = ModelInfo.load(model)
-        in_flight = self.parallel_config.pipeline_parallel_size
-        self.scheduler = StepScheduler(max_num_seqs, max_batches_in_flight=in_flight, max_waiting=max_waiting)
+        pp_size = self.parallel_config.pipeline_parallel_size
+        if async_scheduling is None:  # only a separate worker process can run ahead of the engine
+            async_scheduling = executor == "mp" and pp_size == 1
+        self.async_scheduling = async_scheduling
+        self.scheduler = StepScheduler(
+            max_num_seqs,
+            max_batches_in_flight=pp_size if pp_size > 1 else (2 if async_scheduling else 1),
+            max_waiting=max_waiting,
+            overlap=async_scheduling and pp_size == 1,
+        )
         if isinstance(executor, Executor):
             self.executor = executor
         else:
             self.executor = make_executor(executor, str(self.model_info.path), self.parallel_config, device)
         self._ids = itertools.count()
+        self._pending = 0  # batches submitted and not yet collected
+        self.stats = EngineStats()
 
     # -- requests ----------------------------------------------------------------------------
     def make_request(
@@ -80,17 +112,29 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_work(self) -> bool:
+        """Something to schedule, drop or collect: the loop should keep stepping."""
+        return self.scheduler.has_work() or self._pending > 0
+
     # -- stepping ----------------------------------------------------------------------------
     def schedule(self) -> StepBatch | None:
         return self.scheduler.schedule(time.monotonic())
 
     def step(self) -> list[RequestOutput]:
-        """Run one step batch to completion and return every output it produced."""
-        batch = self.schedule()
-        if batch is None:
+        """Submit every batch the scheduler allows, then collect the oldest one's results."""
+        while (batch := self.schedule()) is not None:
+            self.executor.submit(batch)
+            self._pending += 1
+        if self._pending == 0:
             return []
-        results = self.executor.execute(batch)
+        results = self.executor.collect()
+        self._pending -= 1
+        self.stats.record(results)
         return self.scheduler.update(results, time.monotonic())
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        self._pending = 0
+        return self.scheduler.fail_all(error, time.monotonic())
 
     def shutdown(self) -> None:
         self.executor.shutdown()

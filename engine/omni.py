@@ -22,11 +22,17 @@ class Omni:
         model: str = "tiny-qwen-image",
         max_num_seqs: int = 8,
         parallel_config: ParallelConfig | None = None,
-        executor: str = "inproc",
+        executor: str = "mp",
         device: str | None = None,
+        async_scheduling: bool | None = None,
     ):
         self.core = EngineCore(
-            model, max_num_seqs=max_num_seqs, parallel_config=parallel_config, executor=executor, device=device
+            model,
+            max_num_seqs=max_num_seqs,
+            parallel_config=parallel_config,
+            executor=executor,
+            device=device,
+            async_scheduling=async_scheduling,
         )
 
     def generate(

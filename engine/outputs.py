@@ -42,7 +42,7 @@ class RequestOutput:
 def to_images(array: np.ndarray, output_type: str) -> Any:
     """Turn the workers' float array into what the request asked for (diffusers' rounding)."""
     if output_type == "np":
-        return array
+        return array if array.flags.writeable else array.copy()
     from PIL import Image
 
     pixels = (array * 255).round().astype("uint8")

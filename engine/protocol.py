@@ -26,7 +26,7 @@ class NewRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     seed: int = 0  # resolved by the engine, so every rank draws the same noise
 
 
-class StepBatch(msgspec.Struct, kw_only=True, omit_defaults=True):
+class StepBatch(msgspec.Struct, tag="step", kw_only=True, omit_defaults=True):
     """One denoising step for every request named in it."""
 
     step_id: int
@@ -49,8 +49,40 @@ class StepOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     image: Any = None
 
 
-class StepResults(msgspec.Struct, kw_only=True, omit_defaults=True):
+class StepResults(msgspec.Struct, tag="results", kw_only=True, omit_defaults=True):
     step_id: int
     outputs: list[StepOutput] = []
     # Seconds the runner spent on the batch (encode + forward + scheduler + decode).
     execute_s: float = 0.0
+    # Seconds the reporting worker sat idle between its previous batch and this one.
+    idle_s: float = 0.0
+
+
+# -- worker control (ZeroMQ only) ------------------------------------------------------------
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class StateQuery(msgspec.Struct, tag="state_query"):
+    pass
+
+
+class WorkerReady(msgspec.Struct, tag="ready"):
+    rank: int
+    info: dict[str, Any] = {}
+
+
+class WorkerFailed(msgspec.Struct, tag="failed"):
+    """A worker could not start or hit an error outside any request; the text reaches the user."""
+
+    rank: int
+    error: str
+
+
+class StateReply(msgspec.Struct, tag="state"):
+    rank: int
+    request_ids: list[str] = []
+
+
+ToWorker = StepBatch | Shutdown | StateQuery
+FromWorker = StepResults | WorkerReady | WorkerFailed | StateReply

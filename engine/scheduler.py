@@ -4,7 +4,11 @@ Pure and steppable (no IO, no tensors, no clock of its own), so it is unit-teste
 results. Every call to `schedule()` admits waiting requests up to `max_num_seqs` (first come,
 first served) and returns one step batch holding every running request that is not already in a
 batch in flight. With `max_batches_in_flight > 1` (pipeline parallelism) consecutive batches hold
-disjoint requests, so each stage can work on a different batch.
+disjoint requests, so each stage can work on a different batch. With `overlap=True` (async
+scheduling) a request may also sit in two consecutive batches: the engine already knows it has
+steps left, so step k+1 goes out before step k's results are back and the worker never idles
+during a round trip; results that contradict the plan (an error, an abort) are reconciled when
+they arrive.
 """
 
 from __future__ import annotations
@@ -18,12 +22,20 @@ from engine.request import Request, RequestStatus
 
 
 class StepScheduler:
-    def __init__(self, max_num_seqs: int = 8, max_batches_in_flight: int = 1, max_waiting: int | None = None):
-        if max_num_seqs < 1:
+    def __init__(
+        self,
+        max_num_seqs: int = 8,
+        max_batches_in_flight: int = 1,
+        max_waiting: int | None = None,
+        overlap: bool = False,
+    ):
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self.max_num_seqs = max_num_seqs
         self.max_batches_in_flight = max_batches_in_flight
         self.max_waiting = max_waiting
+        self.overlap = overlap
+        self._per_request_limit = 2 if overlap else 1
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
         self.in_flight: dict[int, list[str]] = {}  # step_id -> request ids
@@ -64,6 +76,10 @@ class StepScheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_work(self) -> bool:
+        """Requests to step, or worker state still to drop."""
+        return bool(self.waiting or self.running or self._drop)
+
     def can_schedule(self) -> bool:
         return len(self.in_flight) < self.max_batches_in_flight and self.has_unfinished()
 
@@ -78,7 +94,9 @@ class StepScheduler:
             self.running[request.request_id] = request
         new, cached = [], []
         for request in self.running.values():
-            if request.in_flight:
+            if request.in_flight >= self._per_request_limit or (
+                request.in_flight and request.steps_scheduled >= request.num_steps
+            ):
                 continue
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now

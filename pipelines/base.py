@@ -26,6 +26,7 @@ class StepPipeline(CFGParallelMixin):
         self.pipe = pipe
         self.info = info
         self.device = device
+        self.dtype = pipe.transformer.dtype
 
     # -- the step contract -------------------------------------------------------------------
     def prepare_encode(self, request: NewRequest) -> RequestState:
@@ -58,6 +59,11 @@ class StepPipeline(CFGParallelMixin):
         # diffusers' examples seed a CPU generator; randn_tensor draws on CPU and moves the
         # result, so CPU and CUDA runs start from the same noise.
         return torch.Generator(device="cpu").manual_seed(request.seed)
+
+    def prediction_shapes(self, state: RequestState) -> Any:
+        """Shape of one row's transformer output (a list of shapes for multi-output models), so
+        CFG ranks that computed no row can still receive the others' predictions."""
+        return tuple(state.latents.shape)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.pipe.transformer.parameters())

@@ -66,6 +66,9 @@ class DiTStepPipeline(StepPipeline):
         labels = torch.cat([state.branch_inputs[branch]["class_label"] for state, branch in rows])
         return self.pipe.transformer(latents, timestep=timesteps, class_labels=labels).sample
 
+    def prediction_shapes(self, state: RequestState) -> tuple:
+        return (1, self.pipe.transformer.config.out_channels, self.latent_size, self.latent_size)
+
     def post_decode(self, state: RequestState) -> np.ndarray:
         vae = self.pipe.vae
         latents = state.latents / vae.config.scaling_factor

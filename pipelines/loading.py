@@ -19,7 +19,7 @@ def load_step_pipeline(model: str, device: str | torch.device | None = None, dty
     info = ModelInfo.load(model)
     device = torch.device(device) if device is not None else default_device()
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path), torch_dtype=dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path), dtype=dtype)
     except Exception as exc:
         raise ValueError(f"cannot load model directory {str(info.path)!r}: {exc}") from exc
     pipe.to(device)

@@ -28,7 +28,6 @@ class QwenImageStepPipeline(StepPipeline):
     def __init__(self, pipe, info, device):
         super().__init__(pipe, info, device)
         self.vae_scale_factor = pipe.vae_scale_factor
-        self.dtype = pipe.transformer.dtype
         self._text_cache_key: tuple = ()
         self._text_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
 

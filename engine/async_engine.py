@@ -1,0 +1,218 @@
+"""AsyncEngine: concurrent requests from asyncio code, one stream of outputs per request.
+
+The engine core runs in its own thread (like vLLM V1's EngineCore busy loop): it drains an
+input queue of adds and aborts between steps, steps, and hands each step's outputs to the event
+loop in one `call_soon_threadsafe`. The event loop therefore never blocks on a step, and new
+requests and aborts arrive while steps run. Each request's stream buffers at most one progress
+update (newer ones replace older ones when the consumer is slow) plus the final output, which is
+never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from typing import AsyncIterator
+
+from engine.config import ParallelConfig
+from engine.core import EngineCore
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from runner.executor import EngineDeadError
+
+
+class RequestStream:
+    """Bounded per-request buffer: the latest progress update and the final output."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # the consumer's event loop; only it touches this stream
+        self._progress: RequestOutput | None = None
+        self._final: RequestOutput | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        if output.finished:
+            self._final = self._final or output
+        else:
+            self._progress = output
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        while True:
+            if self._progress is not None:
+                output, self._progress = self._progress, None
+                return output
+            if self._final is not None:
+                return self._final
+            self._ready.clear()
+            await self._ready.wait()
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        model: str = "tiny-qwen-image",
+        max_num_seqs: int = 8,
+        parallel_config: ParallelConfig | None = None,
+        executor: str = "mp",
+        device: str | None = None,
+        max_waiting: int | None = None,
+        async_scheduling: bool | None = None,
+    ):
+        self.core = EngineCore(
+            model,
+            max_num_seqs=max_num_seqs,
+            parallel_config=parallel_config,
+            executor=executor,
+            device=device,
+            max_waiting=max_waiting,
+            async_scheduling=async_scheduling,
+        )
+        self._inputs: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._thread: threading.Thread | None = None
+        self._dead: str | None = None
+        self._stopped = False
+        self._queries: list[asyncio.Future] = []
+
+    # -- public API --------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | dict,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield progress outputs (step k of n), then the final output with images.
+        Leaving the loop early (break, cancel, consumer gone) aborts the request."""
+        self._ensure_running()
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        request = self.core.make_request(prompt, sampling_params, request_id)
+        stream = RequestStream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        self._inputs.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            if not finished:
+                self._inputs.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """End a request now: its stream yields a final output with error "request aborted"."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self._inputs.put(("abort", request_id))
+        stream.put(RequestOutput(request_id, 0, 0, finished=True, error="request aborted"))
+
+    async def worker_state_ids(self) -> list[str]:
+        """Request ids the workers still hold state for, read between steps once no batch is in
+        flight (for tests and debugging: after the last request ends this must be empty)."""
+        self._ensure_running()
+        future = asyncio.get_running_loop().create_future()
+        self._inputs.put(("state", future))
+        return await future
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    def shutdown(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._inputs.put(("stop", None))
+            if self._thread is not None:
+                self._thread.join(timeout=30)
+            self.core.shutdown()
+
+    async def __aenter__(self) -> "AsyncEngine":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
+    # -- the core thread ---------------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if self._stopped:
+            raise RuntimeError("engine is shut down")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_core, name="stepweave-engine-core", daemon=True)
+            self._thread.start()
+
+    def _run_core(self) -> None:
+        core = self.core
+        try:
+            while True:
+                if not self._drain_inputs(block=not core.has_work()):
+                    return
+                if self._queries and core._pending == 0:
+                    self._answer_queries()
+                    continue
+                outputs = core.step()
+                if outputs:
+                    self._publish(outputs)
+        except Exception as exc:  # the workers are gone (EngineDeadError) or the core broke
+            error = str(exc) if isinstance(exc, EngineDeadError) else f"engine is dead: {type(exc).__name__}: {exc}"
+            self._dead = error
+            core.fail_all(error)
+            self._publish([RequestOutput(rid, 0, 0, finished=True, error=error) for rid in list(self._streams)])
+
+    def _drain_inputs(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False once asked to stop."""
+        while True:
+            try:
+                kind, item = self._inputs.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "state":
+                self._queries.append(item)
+            elif kind == "add":
+                try:
+                    self.core.add_request(item)
+                except Exception as exc:  # e.g. overloaded
+                    self._publish([RequestOutput(item.request_id, 0, 0, finished=True, error=str(exc))])
+            else:
+                self.core.abort(item)
+
+    def _answer_queries(self) -> None:
+        ids = self.core.executor.state_ids()
+        for future in self._queries:
+            future.get_loop().call_soon_threadsafe(_resolve, future, ids)
+        self._queries = []
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their consumers' event loops, one wake-up per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that consumer's loop is closed; nobody is listening
+                pass
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _put_all(items: list) -> None:
+    for stream, output in items:
+        stream.put(output)

@@ -1,0 +1,199 @@
+"""Runs the workers as separate processes and talks to them over ZeroMQ.
+
+Every worker gets every step batch on its own PUSH/PULL pair (encoded once, sent zero-copy);
+results come back on one PULL socket. Liveness is watched while waiting: a worker that exits for
+any reason (crash, kill -9, OOM) turns the executor dead within a poll interval, and every later
+call raises `EngineDeadError` with the reason. Shutdown is idempotent and also runs at
+interpreter exit and when the executor is garbage-collected, so no worker outlives the engine.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+import weakref
+from collections import deque
+
+import torch
+import zmq
+
+from engine.config import ParallelConfig
+from engine.protocol import FromWorker, Shutdown, StateQuery, StateReply, StepBatch, StepResults, WorkerFailed, WorkerReady
+from engine.wire import Decoder, Encoder, WireError
+from runner.executor import EngineDeadError, Executor
+from runner.worker import WorkerConfig, worker_main
+
+POLL_S = 0.2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MultiprocExecutor(Executor):
+    def __init__(
+        self,
+        model: str,
+        parallel_config: ParallelConfig,
+        device: str | None = None,
+        startup_timeout_s: float = 300.0,
+        threads_per_worker: int | None = None,
+    ):
+        self.world_size = parallel_config.world_size
+        self._dead: str | None = None
+        self._outstanding: deque[int] = deque()
+        self.worker_info: dict[int, dict] = {}
+        self._dir = tempfile.mkdtemp(prefix="stepweave-")
+        self._context = zmq.Context()
+        self._results = self._context.socket(zmq.PULL)
+        result_address = f"ipc://{self._dir}/results"
+        self._results.bind(result_address)
+        # Workers split the engine process's intra-op thread budget.
+        threads = threads_per_worker or max(1, torch.get_num_threads() // self.world_size)
+        dist_address = f"127.0.0.1:{_free_port()}"
+        spawn = multiprocessing.get_context("spawn")
+        self._batch_sockets, self.processes = [], []
+        for rank in range(self.world_size):
+            address = f"ipc://{self._dir}/batches-{rank}"
+            sock = self._context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(address)
+            self._batch_sockets.append(sock)
+            config = WorkerConfig(
+                model=model,
+                rank=rank,
+                world_size=self.world_size,
+                cfg_parallel_size=parallel_config.cfg_parallel_size,
+                pipeline_parallel_size=parallel_config.pipeline_parallel_size,
+                pp_layer_partition=parallel_config.pp_layer_partition,
+                batch_address=address,
+                result_address=result_address,
+                dist_address=dist_address,
+                device=device,
+                num_threads=threads,
+            )
+            process = spawn.Process(target=worker_main, args=(config,), name=f"stepweave-worker-{rank}", daemon=True)
+            process.start()
+            self.processes.append(process)
+        self._encoder = Encoder()
+        self._decoder = Decoder(FromWorker)
+        self._finalizer = weakref.finalize(self, _shutdown, self._context, self._batch_sockets, self.processes, self._dir)
+        try:
+            self._wait_ready(startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.worker_info) < self.world_size:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not become ready within {timeout_s:.0f} s")
+            message = self._receive(POLL_S)
+            if isinstance(message, WorkerReady):
+                self.worker_info[message.rank] = message.info
+            elif isinstance(message, WorkerFailed):
+                raise RuntimeError(f"worker {message.rank} failed to start:\n{message.error}")
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None
+
+    # -- steps -------------------------------------------------------------------------------
+    def submit(self, batch: StepBatch) -> None:
+        self._check_alive()
+        frames = self._encoder.encode(batch)
+        for sock in self._batch_sockets:
+            sock.send_multipart(frames, copy=False)
+        self._outstanding.append(batch.step_id)
+
+    def collect(self, timeout: float | None = None) -> StepResults:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            message = self._receive(POLL_S)
+            if isinstance(message, StepResults):
+                if self._outstanding and self._outstanding[0] == message.step_id:
+                    self._outstanding.popleft()
+                return message
+            if isinstance(message, WorkerFailed):
+                self._mark_dead(f"worker {message.rank} failed:\n{message.error}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("no step results within the timeout")
+
+    def state_ids(self) -> list[str]:
+        """Union over ranks of the request ids that still hold state."""
+        self._check_alive()
+        if self._outstanding:
+            raise RuntimeError("state_ids() needs an idle executor (batches are in flight)")
+        frames = self._encoder.encode(StateQuery())
+        for sock in self._batch_sockets:
+            sock.send_multipart(frames)
+        ids, replies = set(), 0
+        while replies < self.world_size:
+            message = self._receive(POLL_S)
+            if isinstance(message, StateReply):
+                ids.update(message.request_ids)
+                replies += 1
+        return sorted(ids)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _receive(self, poll_s: float):
+        """One message from any worker, or None after `poll_s`; raises once a worker is gone."""
+        self._check_alive()
+        if self._results.poll(int(poll_s * 1000)):
+            frames = self._results.recv_multipart(copy=False)
+            try:
+                return self._decoder.decode(frames)
+            except WireError as exc:
+                self._mark_dead(f"undecodable message from a worker: {exc}")
+        for rank, process in enumerate(self.processes):
+            if process.exitcode is not None:
+                self._mark_dead(f"worker {rank} (pid {process.pid}) died with exit code {process.exitcode}")
+        return None
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead}; restart it to serve new requests")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead is None:
+            self._dead = reason
+            self.shutdown()
+        self._check_alive()
+
+
+def _shutdown(context, batch_sockets, processes, directory) -> None:
+    """Stop every worker: ask politely, then terminate, then kill."""
+    frames = Encoder().encode(Shutdown())
+    for sock, process in zip(batch_sockets, processes):
+        if process.is_alive():
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+    deadline = time.monotonic() + 5
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.terminate()
+            process.join(2)
+        if process.is_alive():
+            process.kill()
+            process.join(2)
+    context.destroy(linger=0)
+    try:
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+    except OSError:
+        pass
+

@@ -1,0 +1,89 @@
+"""Shared fixtures: presets exported once per session, diffusers references, staggered runs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Two cores: keep each process to one intra-op thread so parallel workers do not oversubscribe.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _preset_cache(tmp_path_factory):
+    """Build presets once per test session, in a private cache."""
+    if "STEPWEAVE_CACHE_DIR" not in os.environ:
+        os.environ["STEPWEAVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("preset-cache"))
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(_preset_cache, tmp_path_factory):
+    from pipelines.presets import export_preset
+
+    return export_preset("tiny-qwen-image", tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
+def dit_dir(_preset_cache, tmp_path_factory):
+    from pipelines.presets import export_preset
+
+    return export_preset("tiny-dit", tmp_path_factory.mktemp("tiny-dit"))
+
+
+def diffusers_reference(pipe, prompt, params, size=None):
+    """What diffusers' own pipeline returns for one request (output_type="np")."""
+    import diffusers
+
+    original = pipe.scheduler
+    if params.scheduler or params.scheduler_config:
+        from pipelines.schedulers import FLOW_SOLVER_OPTIONS
+
+        name = params.scheduler or type(original).__name__
+        options = {}
+        if isinstance(pipe, diffusers.QwenImagePipeline) and name != type(original).__name__:
+            options.update(FLOW_SOLVER_OPTIONS.get(name, {}))
+        options.update(params.scheduler_config or {})
+        pipe.scheduler = getattr(diffusers, name).from_config(original.config, **options)
+    try:
+        generator = torch.Generator().manual_seed(params.seed)
+        if isinstance(pipe, diffusers.DiTPipeline):
+            images = pipe(
+                class_labels=[prompt["class_label"]],
+                guidance_scale=params.guidance_scale,
+                num_inference_steps=params.num_inference_steps,
+                generator=generator,
+                output_type="np",
+            ).images
+        else:
+            images = pipe(
+                prompt=prompt["prompt"],
+                negative_prompt=prompt.get("negative_prompt"),
+                true_cfg_scale=params.true_cfg_scale,
+                num_inference_steps=params.num_inference_steps,
+                height=params.height or size[0],
+                width=params.width or size[1],
+                generator=generator,
+                output_type="np",
+            ).images
+    finally:
+        pipe.scheduler = original
+    return np.asarray(images, dtype=np.float32)
+
+
+def run_staggered(core, plan):
+    """Drive an EngineCore step by step; plan = [(join_at_step, request)]. Returns outputs by id."""
+    pending = sorted(plan, key=lambda item: item[0])
+    finished = {}
+    step = 0
+    while pending or core.has_work():
+        while pending and pending[0][0] <= step:
+            core.add_request(pending.pop(0)[1])
+        for output in core.step():
+            if output.finished:
+                finished[output.request_id] = output
+        step += 1
+        assert step < 10_000
+    return finished

@@ -1,0 +1,87 @@
+"""Aborts free state; bad input and failing requests fail alone while the rest complete."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import Omni, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def omni(qwen_dir):
+    with Omni(model=str(qwen_dir), max_num_seqs=2, executor="inproc") as omni:
+        yield omni
+
+
+def test_abort_running_and_waiting_leaves_no_state(omni):
+    core = omni.core
+    params = SamplingParams(num_inference_steps=6, seed=0, output_type="np")
+    keep, run, wait = (core.make_request("a fox", params) for _ in range(3))
+    for request in (keep, run, wait):
+        core.add_request(request)
+    core.step()
+    core.step()
+    assert set(core.executor.state_ids()) == {keep.request_id, run.request_id}
+    assert core.abort(run.request_id).error == "request aborted"
+    assert core.abort(wait.request_id).error == "request aborted"
+    finished = {}
+    while core.has_work():
+        finished.update({o.request_id: o for o in core.step() if o.finished})
+    assert finished[keep.request_id].error is None
+    assert run.request_id not in finished and wait.request_id not in finished
+    core.step()  # nothing left to run: the drop of an already-freed request is a no-op
+    assert core.executor.state_ids() == []
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("ok", SamplingParams(num_inference_steps=0), "num_inference_steps must be an integer in [1, 1000]"),
+        ("ok", SamplingParams(height=40), "height must be a multiple of 16"),
+        ("ok", SamplingParams(scheduler="NoSuchScheduler"), "unknown diffusers scheduler class 'NoSuchScheduler'"),
+        ("ok", SamplingParams(scheduler="DDIMScheduler"), "cannot drive this model"),
+        ("ok", SamplingParams(scheduler_config={"not_an_option": 1}), "has no option(s) ['not_an_option']"),
+        (123, None, "prompt must be a string or a dict"),
+        ({"prompt": "x", "colour": "red"}, None, "unknown key(s) ['colour']"),
+        ("", None, "prompt must be a non-empty string"),
+    ],
+)
+def test_bad_requests_are_rejected_while_others_complete(omni, prompt, params, message):
+    good = SamplingParams(num_inference_steps=2, seed=1)
+    bad, ok = omni.generate([prompt, "a lighthouse"], [params or SamplingParams(), good], use_tqdm=False)
+    assert bad.finished and message in bad.error
+    assert ok.error is None and len(ok.images) == 1
+
+
+def test_non_finite_request_fails_alone(omni, monkeypatch):
+    pipeline = omni.core.executor.runner.pipeline
+    original = pipeline.forward_rows
+
+    def poisoned(rows):
+        out = original(rows)
+        for i, (state, _) in enumerate(rows):
+            if state.request.prompt == "poison":
+                out[i] = float("nan")
+        return out
+
+    monkeypatch.setattr(pipeline, "forward_rows", poisoned)
+    params = SamplingParams(num_inference_steps=3, seed=2)
+    bad, good = omni.generate(["poison", "a calm lake"], params, use_tqdm=False)
+    assert "not finite" in bad.error and bad.step == 0
+    assert good.error is None
+    assert omni.core.executor.state_ids() == []
+
+
+def test_exception_in_a_shared_forward_fails_only_the_culprit(omni, monkeypatch):
+    pipeline = omni.core.executor.runner.pipeline
+    original = pipeline.forward_rows
+
+    def fragile(rows):
+        if any(state.request.prompt == "explode" for state, _ in rows):
+            raise RuntimeError("kernel exploded")
+        return original(rows)
+
+    monkeypatch.setattr(pipeline, "forward_rows", fragile)
+    bad, good = omni.generate(["explode", "a quiet street"], SamplingParams(num_inference_steps=2, seed=3), use_tqdm=False)
+    assert "RuntimeError: kernel exploded" in bad.error
+    assert good.error is None
