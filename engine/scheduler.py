@@ -93,7 +93,14 @@ class StepScheduler:
             request.status = RequestStatus.RUNNING
             self.running[request.request_id] = request
         new, cached = [], []
+        # Disjoint batches in flight (pipeline parallelism): give each batch an equal share of
+        # the running requests, so every stage has work.
+        share = len(self.running)
+        if self.max_batches_in_flight > 1 and not self.overlap:
+            share = -(-len(self.running) // self.max_batches_in_flight)
         for request in self.running.values():
+            if len(new) + len(cached) >= share:
+                break
             if request.in_flight >= self._per_request_limit or (
                 request.in_flight and request.steps_scheduled >= request.num_steps
             ):
@@ -132,6 +139,7 @@ class StepScheduler:
             request.step, request.num_steps = out.step, out.num_steps
             if out.error is not None:
                 del self.running[out.request_id]
+                self._drop.append(out.request_id)  # other ranks may still hold its state
                 outputs.append(self._finish(request, RequestStatus.FAILED, out.error, now))
             elif out.finished:
                 del self.running[out.request_id]

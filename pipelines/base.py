@@ -18,10 +18,11 @@ from engine.protocol import NewRequest
 from pipelines.model_info import ModelInfo
 from pipelines.schedulers import build_scheduler
 from runner.cfg import CFGParallelMixin
+from runner.pipeline_parallel import PipelineParallelMixin
 from runner.request_state import RequestState
 
 
-class StepPipeline(CFGParallelMixin):
+class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
     def __init__(self, pipe: Any, info: ModelInfo, device: torch.device):
         self.pipe = pipe
         self.info = info
@@ -37,6 +38,12 @@ class StepPipeline(CFGParallelMixin):
         return self.predict_noise_maybe_with_cfg(states)
 
     def step_scheduler(self, state: RequestState, noise_pred: Any) -> None:
+        if self.pp_size > 1:
+            self.pp_step_scheduler(state, noise_pred, self._step_scheduler)
+        else:
+            self._step_scheduler(state, noise_pred)
+
+    def _step_scheduler(self, state: RequestState, noise_pred: Any) -> None:
         state.latents = self.scheduler_step_maybe_with_cfg(
             noise_pred,
             state.timestep,
@@ -49,6 +56,14 @@ class StepPipeline(CFGParallelMixin):
     def post_decode(self, state: RequestState) -> np.ndarray:
         """float32 (1, H, W, 3) in [0, 1], as the diffusers pipeline's output_type="np"."""
         raise NotImplementedError
+
+    def finish(self, state: RequestState) -> np.ndarray | None:
+        """The final image, on the stage that holds the final latents (None elsewhere)."""
+        if self.pp_size > 1 and not self.is_last_stage:
+            return None
+        if not bool(torch.isfinite(state.latents).all()):
+            raise FloatingPointError("latents are not finite after the last step")
+        return self.post_decode(state)
 
     # -- shared helpers ----------------------------------------------------------------------
     def new_scheduler(self, request: NewRequest) -> Any:

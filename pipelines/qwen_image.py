@@ -19,6 +19,7 @@ from engine.protocol import NewRequest
 from pipelines.base import StepPipeline
 from pipelines.schedulers import set_flow_timesteps
 from runner.cfg import Row
+from runner.pipeline_parallel import HIDDEN_TAG
 from runner.request_state import RequestState
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' QwenImagePipeline default
@@ -65,10 +66,12 @@ class QwenImageStepPipeline(StepPipeline):
             cfg_scale=float(params.true_cfg_scale),
             cfg_normalize=normalize,
             batch_key=(height, width),
-            extra={"height": height, "width": width},
+            extra={"height": height, "width": width, "latent_shape": tuple(latents.shape)},
         )
 
-    def forward_rows(self, rows: Sequence[Row]) -> torch.Tensor:
+    def forward_rows(self, rows: Sequence[Row]) -> torch.Tensor | None:
+        if self.pp_size > 1:
+            return self._stage_forward(rows)
         first = rows[0][0]
         height, width = first.extra["height"], first.extra["width"]
         hidden_states = torch.cat([state.latents for state, _ in rows])
@@ -90,6 +93,58 @@ class QwenImageStepPipeline(StepPipeline):
             img_shapes=img_shapes,
             return_dict=False,
         )[0]
+
+    # -- pipeline parallelism ----------------------------------------------------------------
+    def transformer_blocks(self) -> torch.nn.ModuleList:
+        return self.pipe.transformer.transformer_blocks
+
+    def keep_blocks(self, start: int, end: int) -> None:
+        transformer = self.pipe.transformer
+        if getattr(transformer.config, "zero_cond_t", False) or getattr(transformer.config, "use_additional_t_cond", False):
+            raise ValueError("pipeline parallelism does not support zero_cond_t / additional_t_cond Qwen-Image variants")
+        transformer.transformer_blocks = torch.nn.ModuleList(list(transformer.transformer_blocks)[start:end])
+
+    def _stage_forward(self, rows: Sequence[Row]) -> torch.Tensor | None:
+        """This stage's share of the transformer forward (the same modules, in the same order,
+        as QwenImageTransformer2DModel.forward). Returns the prediction on the last stage."""
+        from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
+
+        transformer = self.pipe.transformer
+        first = rows[0][0]
+        height, width = first.extra["height"], first.extra["width"]
+        side = self.vae_scale_factor * 2
+        img_shapes = [[(1, height // side, width // side)]] * len(rows)
+        embeds, mask = self._text_inputs(rows)
+        text_len, _, mask = compute_text_seq_len_from_mask(embeds, mask)
+        timestep = (torch.stack([state.timestep for state, _ in rows]).to(self.dtype) / 1000).to(self.dtype)
+        carrier = embeds[:, :0, :0]  # time_text_embed reads only the dtype of this argument
+        if transformer.config.guidance_embeds:
+            guidance = torch.tensor([s.request.params.guidance_scale for s, _ in rows], device=self.device)
+            temb = transformer.time_text_embed(timestep, guidance.to(self.dtype) * 1000, carrier)
+        else:
+            temb = transformer.time_text_embed(timestep, carrier)
+        rope = transformer.pos_embed(img_shapes, max_txt_seq_len=text_len, device=self.device)
+        inner = transformer.inner_dim
+        if self.is_first_stage:
+            hidden = transformer.img_in(torch.cat([state.latents for state, _ in rows]))
+            encoder = transformer.txt_in(transformer.txt_norm(embeds))
+        else:
+            image_tokens = first.extra["latent_shape"][1]
+            hidden, encoder = self.receive(
+                [(len(rows), image_tokens, inner), (len(rows), text_len, inner)], HIDDEN_TAG, self.pp_prev
+            )
+        for block in transformer.transformer_blocks:
+            encoder, hidden = block(
+                hidden_states=hidden,
+                encoder_hidden_states=encoder,
+                encoder_hidden_states_mask=mask,
+                temb=temb,
+                image_rotary_emb=rope,
+            )
+        if not self.is_last_stage:
+            self.send([hidden, encoder], HIDDEN_TAG, self.pp_next)
+            return None
+        return transformer.proj_out(transformer.norm_out(hidden, temb))
 
     def _text_inputs(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Right-padded prompt embeddings and their mask (None when nothing is padded). A step

@@ -46,15 +46,19 @@ class CFGParallelMixin:
         max_branches = max(s.num_branches for s in states)
         rows = [(s, b) for b in range(max_branches) for s in states if b < s.num_branches]
         predictions = self._evaluate_rows(rows)
+        if predictions is None:  # an earlier pipeline stage sent its rows on
+            return None
         per_request: dict[str, list[Any]] = {s.request_id: [] for s in states}
         for (state, _), prediction in zip(rows, predictions):
             per_request[state.request_id].append(self._slice(prediction))
         return [self._combine(state, per_request[state.request_id]) for state in states]
 
-    def _evaluate_rows(self, rows: list[Row]) -> list[Any]:
-        """Predictions for `rows`, in order, each with a leading batch dim of 1."""
+    def _evaluate_rows(self, rows: list[Row]) -> list[Any] | None:
+        """Predictions for `rows`, in order, each with a leading batch dim of 1 (None on a
+        pipeline stage that only passes hidden states on)."""
         if self.cfg_world_size == 1:
-            return _split_rows(self.forward_rows(rows), len(rows))
+            predictions = self.forward_rows(rows)
+            return None if predictions is None else _split_rows(predictions, len(rows))
         from runner.cfg_parallel import evaluate_rows_across_ranks
 
         return evaluate_rows_across_ranks(self, rows)

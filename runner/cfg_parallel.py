@@ -36,6 +36,8 @@ def evaluate_rows_across_ranks(pipeline: Any, rows: list) -> list[Any]:
         raise error
     if failed.item():
         raise PeerForwardError("the forward failed on another CFG rank")
+    if not getattr(pipeline, "is_last_stage", True):
+        return None  # this pipeline stage sent its rows on; the last stage gathers
 
     shapes = pipeline.prediction_shapes(rows[0][0])
     multi = isinstance(shapes, list)

@@ -31,7 +31,9 @@ class ModelRunner:
 
     def _execute(self, batch: StepBatch) -> list[StepOutput]:
         for request_id in batch.drop:
-            self.states.pop(request_id, None)
+            state = self.states.pop(request_id, None)
+            if state is not None:
+                self.pipeline.release(state)
         outputs: list[StepOutput] = []
         active: list[RequestState] = []
         for new in batch.new:
@@ -62,24 +64,20 @@ class ModelRunner:
             if len(group) == 1:
                 return [self._fail(group[0], exc)]
             return [out for state in group for out in self._step_group([state])]
+        if predictions is None:  # an earlier pipeline stage: the last stage predicts
+            return [self._advance(state, None, True) for state in group]
         finite = torch.stack([_all_finite(p) for p in predictions]).tolist()
-        outputs = []
-        for state, prediction, ok in zip(group, predictions, finite):
-            if not ok:
-                error = FloatingPointError(f"noise prediction is not finite at step {state.step_index + 1}")
-                outputs.append(self._fail(state, error))
-                continue
-            outputs.append(self._advance(state, prediction))
-        return outputs
+        return [self._advance(s, p, ok) for s, p, ok in zip(group, predictions, finite)]
 
-    def _advance(self, state: RequestState, prediction: Any) -> StepOutput:
+    def _advance(self, state: RequestState, prediction: Any, finite: bool) -> StepOutput:
         try:
+            # Stepped even when not finite: pipeline stages must see the same sequence of steps.
             self.pipeline.step_scheduler(state, prediction)
+            if not finite:
+                raise FloatingPointError(f"noise prediction is not finite at step {state.step_index}")
             if not state.done:
                 return StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps)
-            if not bool(torch.isfinite(state.latents).all()):
-                raise FloatingPointError("latents are not finite after the last step")
-            image = self.pipeline.post_decode(state)
+            image = self.pipeline.finish(state)
         except Exception as exc:
             return self._fail(state, exc)
         del self.states[state.request_id]
