@@ -20,17 +20,17 @@ FAMILIES = {"QwenImagePipeline": "qwen-image", "DiTPipeline": "dit"}
 
 def resolve_model(model: str | Path) -> Path:
     """A preset name or a diffusers-format directory -> that directory."""
+    path = Path(model)
+    if (path / "model_index.json").is_file():
+        return path
     from pipelines.presets import PRESETS, preset_dir
 
     if isinstance(model, str) and model in PRESETS:
         return preset_dir(model)
-    path = Path(model)
-    if not (path / "model_index.json").is_file():
-        raise ValueError(
-            f"model must be a preset name ({', '.join(PRESETS)}) or a diffusers directory with a "
-            f"model_index.json; got {str(model)!r}"
-        )
-    return path
+    raise ValueError(
+        f"model must be a preset name ({', '.join(PRESETS)}) or a diffusers directory with a "
+        f"model_index.json; got {str(model)!r}"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

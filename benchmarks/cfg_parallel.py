@@ -1,0 +1,60 @@
+"""CFG-parallel throughput: cfg_parallel_size=2 against 1, one thread per rank, same run.
+
+Beside the result it measures the limit on this machine: the size-1 path's CFG forward (both
+branches' rows in one forward) over one branch's forward while another process computes the
+other branch at the same time.
+Usage: python benchmarks/cfg_parallel.py [--model medium-qwen-image] [--num-requests 8] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.forward_cost import concurrent_forward_seconds, forward_seconds  # noqa: E402
+from benchmarks.parallel_workload import serve, write_report  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="CFG-parallel benchmark")
+    parser.add_argument("--model", default="medium-qwen-image")
+    parser.add_argument("--num-requests", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--json", default="benchmarks/results/cfg_parallel.json")
+    parser.add_argument("--plot", default="benchmarks/results/cfg_parallel.png")
+    args = parser.parse_args(argv)
+    from engine import ParallelConfig
+
+    systems = {
+        "cfg-1": serve(args.model, ParallelConfig(cfg_parallel_size=1), args.num_requests, args.steps),
+        "cfg-2": serve(args.model, ParallelConfig(cfg_parallel_size=2), args.num_requests, args.steps),
+    }
+    n = args.num_requests
+    limit_single = forward_seconds(args.model, rows=2) / concurrent_forward_seconds(args.model, rows=1, processes=2)
+    limit_batch = forward_seconds(args.model, rows=2 * n) / concurrent_forward_seconds(args.model, rows=n, processes=2)
+    report = {
+        "systems": systems,
+        "throughput_ratio": systems["cfg-2"]["throughput_rps"] / systems["cfg-1"]["throughput_rps"],
+        "latency_ratio": systems["cfg-1"]["mean_latency_s"] / systems["cfg-2"]["mean_latency_s"],
+        "single_request_speedup": systems["cfg-1"]["single_request_latency_s"] / systems["cfg-2"]["single_request_latency_s"],
+        "limit_single_request": limit_single,
+        "limit_batch": limit_batch,
+        "config": vars(args),
+    }
+    print(f"| system | req/s | mean latency s | single request s |\n|---|---|---|---|")
+    for name, s in systems.items():
+        print(f"| {name} | {s['throughput_rps']:.3f} | {s['mean_latency_s']:.2f} | {s['single_request_latency_s']:.2f} |")
+    print(
+        f"cfg-2 / cfg-1: throughput x{report['throughput_ratio']:.2f}, mean latency x{report['latency_ratio']:.2f}, "
+        f"single request x{report['single_request_speedup']:.2f}; limit x{limit_batch:.2f} (batch {n}), "
+        f"x{limit_single:.2f} (one request)"
+    )
+    write_report(report, args.json, args.plot, f"CFG-parallel on {args.model}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The cost of one transformer forward at a given batch size: the yardstick for speedup limits.
+
+Parallel and batched serving can only beat sequential serving by as much as the hardware lets
+a forward get cheaper per request; the benchmarks put that measured limit beside their results.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+
+import torch
+
+
+def _inputs(pipeline, rows: int):
+    from engine.protocol import NewRequest
+    from engine.sampling_params import SamplingParams
+
+    request = NewRequest(request_id="probe", params=SamplingParams(num_inference_steps=4), prompt="a probe prompt for timing", negative_prompt="blurry")
+    state = pipeline.prepare_encode(request)
+    return [(state, i % state.num_branches) for i in range(rows)]
+
+
+def forward_seconds(model: str, rows: int, threads: int = 1, repeats: int = 5) -> float:
+    """Median seconds of one transformer forward over `rows` rows (in this process)."""
+    from pipelines.loading import load_step_pipeline
+
+    torch.set_num_threads(threads)
+    pipeline = load_step_pipeline(model, device="cpu")
+    batch = _inputs(pipeline, rows)
+    samples = []
+    with torch.inference_mode():
+        pipeline.forward_rows(batch)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pipeline.forward_rows(batch)
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _worker(model, rows, threads, repeats, barrier, queue):
+    from pipelines.loading import load_step_pipeline
+
+    torch.set_num_threads(threads)
+    pipeline = load_step_pipeline(model, device="cpu")
+    batch = _inputs(pipeline, rows)
+    samples = []
+    with torch.inference_mode():
+        pipeline.forward_rows(batch)
+        barrier.wait()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pipeline.forward_rows(batch)
+            samples.append(time.perf_counter() - t0)
+    queue.put(statistics.median(samples))
+
+
+def concurrent_forward_seconds(model: str, rows: int, processes: int, threads: int = 1, repeats: int = 5) -> float:
+    """Median forward time over `rows` rows while `processes` processes run forwards at once."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier, queue = spawn.Barrier(processes), spawn.Queue()
+    procs = [spawn.Process(target=_worker, args=(model, rows, threads, repeats, barrier, queue)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return statistics.mean(results)

@@ -1,0 +1,56 @@
+"""Pipeline-parallel throughput: PP=2 against PP=1, one thread per stage, same run.
+
+The limit beside it: a batch-N forward of the whole model over a batch-N/2 forward (two
+interleaved half-batches on two half-models keep both stages busy).
+Usage: python benchmarks/pipeline_parallel.py [--model medium-qwen-image] [--num-requests 8] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.forward_cost import forward_seconds  # noqa: E402
+from benchmarks.parallel_workload import serve, write_report  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="Pipeline-parallel benchmark")
+    parser.add_argument("--model", default="medium-qwen-image")
+    parser.add_argument("--num-requests", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--json", default="benchmarks/results/pipeline_parallel.json")
+    parser.add_argument("--plot", default="benchmarks/results/pipeline_parallel.png")
+    args = parser.parse_args(argv)
+    from engine import ParallelConfig
+
+    systems = {
+        "pp-1": serve(args.model, ParallelConfig(pipeline_parallel_size=1), args.num_requests, args.steps),
+        "pp-2": serve(args.model, ParallelConfig(pipeline_parallel_size=2), args.num_requests, args.steps),
+    }
+    rows = 2 * args.num_requests  # CFG: two rows per request
+    limit = forward_seconds(args.model, rows=rows) / forward_seconds(args.model, rows=rows // 2)
+    report = {
+        "systems": systems,
+        "throughput_ratio": systems["pp-2"]["throughput_rps"] / systems["pp-1"]["throughput_rps"],
+        "single_request_latency_ratio": systems["pp-2"]["single_request_latency_s"] / systems["pp-1"]["single_request_latency_s"],
+        "limit": limit,
+        "stage_parameters": systems["pp-2"]["worker_parameters"],
+        "config": vars(args),
+    }
+    print(f"| system | req/s | mean latency s | single request s |\n|---|---|---|---|")
+    for name, s in systems.items():
+        print(f"| {name} | {s['throughput_rps']:.3f} | {s['mean_latency_s']:.2f} | {s['single_request_latency_s']:.2f} |")
+    print(
+        f"pp-2 / pp-1: throughput x{report['throughput_ratio']:.2f} (limit x{limit:.2f}), single-request latency "
+        f"x{report['single_request_latency_ratio']:.2f}; parameters per stage {report['stage_parameters']}"
+    )
+    write_report(report, args.json, args.plot, f"Pipeline-parallel on {args.model}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
