@@ -11,7 +11,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--cfg-parallel-size", type=int, default=1)
     parser.add_argument("--pp-size", type=int, default=1)
-    parser.add_argument("--executor", choices=["inproc", "mp"], default="inproc")
+    parser.add_argument("--executor", choices=["inproc", "mp"], default="mp")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 

@@ -59,6 +59,7 @@ def _checked_template(base_json: str, name: str | None, overrides_json: str, flo
     overrides = json.loads(overrides_json)
     base_name = base_config["_class_name"]
     name = name or base_name
+    scheduler_class(name)  # unknown names get their own error
     if name not in allowed_scheduler_names(base_name, flow):
         raise ValueError(
             f"SamplingParams.scheduler: {name!r} cannot drive this model (its scheduler is {base_name}); "

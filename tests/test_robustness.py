@@ -67,7 +67,7 @@ def test_non_finite_request_fails_alone(omni, monkeypatch):
     monkeypatch.setattr(pipeline, "forward_rows", poisoned)
     params = SamplingParams(num_inference_steps=3, seed=2)
     bad, good = omni.generate(["poison", "a calm lake"], params, use_tqdm=False)
-    assert "not finite" in bad.error and bad.step == 0
+    assert "noise prediction is not finite at step 1" in bad.error
     assert good.error is None
     assert omni.core.executor.state_ids() == []
 
