@@ -15,7 +15,11 @@ def default_device() -> torch.device:
 def load_step_pipeline(model: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> StepPipeline:
     """`model` is a preset name or a diffusers directory; the family comes from model_index.json."""
     import diffusers
+    import transformers
 
+    # Loading bars from every worker would drown the engine's own log.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     info = ModelInfo.load(model)
     device = torch.device(device) if device is not None else default_device()
     try:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.sampling_params import SamplingParams
-from pipelines.schedulers import build_scheduler
+from pipelines.schedulers import check_scheduler
 
 # diffusers pipeline class (model_index.json "_class_name") -> our family name
 FAMILIES = {"QwenImagePipeline": "qwen-image", "DiTPipeline": "dit"}
+MAX_PROMPT_CHARS = 20_000  # the tokenizer truncates far below this; the cap bounds the work
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -48,6 +49,11 @@ class ModelInfo:
     default_width: int
     scheduler_config: dict[str, Any]
     num_classes: int = 0  # DiT: valid class labels are [0, num_classes)
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The largest image the model's timestep shift is defined for (bounds worker memory)."""
+        return int(self.scheduler_config.get("max_image_seq_len", 4096))
 
     @property
     def flow(self) -> bool:
@@ -89,14 +95,26 @@ class ModelInfo:
         cannot serve; also tries the requested scheduler."""
         params.validate()
         if self.family == "qwen-image":
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"prompt must be a non-empty string for {self.family}, got {prompt!r}")
-            if negative_prompt is not None and not isinstance(negative_prompt, str):
-                raise ValueError(f"negative_prompt must be a string or null, got {negative_prompt!r}")
+            if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(
+                    f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters, got {_short(prompt)}"
+                )
+            if negative_prompt is not None and (not isinstance(negative_prompt, str) or len(negative_prompt) > MAX_PROMPT_CHARS):
+                raise ValueError(
+                    f"negative_prompt must be null or a string of at most {MAX_PROMPT_CHARS} characters, got {_short(negative_prompt)}"
+                )
             for side in ("height", "width"):
                 value = getattr(params, side)
                 if value is not None and value % 16:
                     raise ValueError(f"SamplingParams.{side} must be a multiple of 16 in [16, 4096], got {value}")
+            height = params.height or self.default_height
+            width = params.width or self.default_width
+            tokens, limit = (height // 16) * (width // 16), self.max_image_tokens
+            if tokens > limit:
+                raise ValueError(
+                    f"SamplingParams.height x width = {height}x{width} gives {tokens} image tokens; this model allows "
+                    f"at most {limit} (height/16 * width/16)"
+                )
         else:
             if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < self.num_classes:
                 raise ValueError(f"class_label must be an integer in [0, {self.num_classes - 1}], got {class_label!r}")
@@ -104,4 +122,9 @@ class ModelInfo:
                 value = getattr(params, side)
                 if value is not None and value != default:
                     raise ValueError(f"SamplingParams.{side} must be {default} (fixed by this DiT model), got {value}")
-        build_scheduler(self.scheduler_config, params.scheduler, params.scheduler_config, self.flow)
+        check_scheduler(self.scheduler_config, params.scheduler, params.scheduler_config, self.flow)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -42,6 +42,16 @@ def allowed_scheduler_names(base_class_name: str, flow: bool) -> list[str]:
     return sorted(n for n in names if isinstance(getattr(diffusers, n, None), type))
 
 
+def check_scheduler(base_config: dict[str, Any], name: str | None, overrides: dict[str, Any] | None, flow: bool) -> None:
+    """Raise ValueError unless the choice works with this model (cached, no copy)."""
+    _checked_template(*_key(base_config, name, overrides, flow))
+
+
+def _key(base_config, name, overrides, flow) -> tuple:
+    dump = lambda value: json.dumps(value, sort_keys=True, default=str)  # noqa: E731
+    return dump(base_config), name, dump(overrides or {}), flow
+
+
 def build_scheduler(
     base_config: dict[str, Any],
     name: str | None,
@@ -49,8 +59,7 @@ def build_scheduler(
     flow: bool,
 ) -> Any:
     """A fresh scheduler for one request (a deep copy of a checked, cached template)."""
-    key = (json.dumps(base_config, sort_keys=True, default=str), name, json.dumps(overrides or {}, sort_keys=True, default=str), flow)
-    return copy.deepcopy(_checked_template(*key))
+    return copy.deepcopy(_checked_template(*_key(base_config, name, overrides, flow)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -44,6 +44,9 @@ def test_abort_running_and_waiting_leaves_no_state(omni):
         (123, None, "prompt must be a string or a dict"),
         ({"prompt": "x", "colour": "red"}, None, "unknown key(s) ['colour']"),
         ("", None, "prompt must be a non-empty string"),
+        ("x" * 20_001, None, "at most 20000 characters"),
+        ({"prompt": "x", "negative_prompt": 5}, None, "negative_prompt must be null or a string"),
+        ("ok", SamplingParams(height=4096, width=4096), "image tokens; this model allows at most 8192"),
     ],
 )
 def test_bad_requests_are_rejected_while_others_complete(omni, prompt, params, message):
