@@ -28,6 +28,7 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
         self.info = info
         self.device = device
         self.dtype = pipe.transformer.dtype
+        self.reports_results = True  # the worker grid sets this; other ranks skip the VAE decode
 
     # -- the step contract -------------------------------------------------------------------
     def prepare_encode(self, request: NewRequest) -> RequestState:
@@ -58,8 +59,8 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
         raise NotImplementedError
 
     def finish(self, state: RequestState) -> np.ndarray | None:
-        """The final image, on the stage that holds the final latents (None elsewhere)."""
-        if self.pp_size > 1 and not self.is_last_stage:
+        """The final image, decoded only on the rank that reports results (None elsewhere)."""
+        if not self.reports_results:
             return None
         if not bool(torch.isfinite(state.latents).all()):
             raise FloatingPointError("latents are not finite after the last step")

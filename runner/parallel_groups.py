@@ -60,4 +60,5 @@ def setup_parallel(pipeline: Any, config: Any) -> GridPosition:
         pipeline.cfg_world_size = position.cfg_size
     if position.pp_size > 1:
         pipeline.setup_pipeline_stage(position, config.pp_layer_partition)
+    pipeline.reports_results = position.reports_results
     return position
