@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from engine import Omni, ParallelConfig, SamplingParams
+from engine import EngineDeadError, Omni, ParallelConfig, SamplingParams
 from runner.async_latents import AsyncLatents
 from runner.pipeline_parallel import split_evenly
 from tests.conftest import run_staggered
@@ -95,3 +99,12 @@ def test_pp2_matches_pp1_with_staggered_arrivals_and_aborts(qwen_dir, reference,
         while core.has_work():
             core.step()
         assert core.executor.state_ids() == []
+        if cfg == 1:  # a killed stage fails the in-flight request within seconds
+            core.add_request(core.make_request("doomed", SamplingParams(num_inference_steps=1000)))
+            core.step()
+            os.kill(core.executor.processes[1].pid, signal.SIGKILL)
+            start = time.monotonic()
+            with pytest.raises(EngineDeadError, match="worker 1 .* died"):
+                while True:
+                    core.step()
+            assert time.monotonic() - start < 5
