@@ -81,7 +81,7 @@ class MultiprocExecutor(Executor):
             process.start()
             self.processes.append(process)
         self._encoder = Encoder()
-        self._decoder = Decoder(FromWorker)
+        self._decoder = Decoder(FromWorker, max_frames=1 << 20)  # trusted peers: one frame per finished image
         self._finalizer = weakref.finalize(self, _shutdown, self._context, self._batch_sockets, self.processes, self._dir)
         try:
             self._wait_ready(startup_timeout_s)
