@@ -26,6 +26,19 @@ class ParallelConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
                     f"({self.pipeline_parallel_size}), got {parts!r}"
                 )
 
+    def validate_layers(self, num_layers: int) -> None:
+        """Every stage needs at least one block, and a partition must cover all of them."""
+        stages = self.pipeline_parallel_size
+        if stages > 1 and num_layers < stages:
+            raise ValueError(
+                f"ParallelConfig.pipeline_parallel_size must be in [1, {num_layers}] for a {num_layers}-block transformer, got {stages}"
+            )
+        parts = self.pp_layer_partition
+        if parts is not None and sum(parts) != num_layers:
+            raise ValueError(
+                f"ParallelConfig.pp_layer_partition must sum to the transformer's {num_layers} blocks, got {parts} (sum {sum(parts)})"
+            )
+
     @property
     def world_size(self) -> int:
         return self.cfg_parallel_size * self.pipeline_parallel_size

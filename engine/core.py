@@ -71,6 +71,7 @@ class EngineCore:
         pp_size = self.parallel_config.pipeline_parallel_size
         if pp_size > 1 and self.model_info.family != "qwen-image":
             raise ValueError(f"ParallelConfig.pipeline_parallel_size > 1 supports qwen-image models, not {self.model_info.family}")
+        self.parallel_config.validate_layers(self.model_info.num_layers)
         if async_scheduling is None:  # only a separate worker process can run ahead of the engine
             async_scheduling = executor == "mp" and pp_size == 1
         self.async_scheduling = async_scheduling

@@ -49,6 +49,7 @@ class ModelInfo:
     default_width: int
     scheduler_config: dict[str, Any]
     num_classes: int = 0  # DiT: valid class labels are [0, num_classes)
+    num_layers: int = 0  # transformer blocks, for pipeline-parallel partitions
 
     @property
     def max_image_tokens(self) -> int:
@@ -74,7 +75,8 @@ class ModelInfo:
         transformer = _read_json(path / "transformer" / "config.json")
         if family == "dit":
             side = int(transformer["sample_size"]) * 8
-            return cls(path, family, side, side, scheduler_config, int(transformer.get("num_embeds_ada_norm") or 0))
+            classes = int(transformer.get("num_embeds_ada_norm") or 0)
+            return cls(path, family, side, side, scheduler_config, classes, int(transformer.get("num_layers", 0)))
         # diffusers' QwenImagePipeline default: 128 latent pixels * the VAE's 8x
         return cls(
             path,
@@ -82,6 +84,7 @@ class ModelInfo:
             int(extra.get("default_height", 1024)),
             int(extra.get("default_width", 1024)),
             scheduler_config,
+            num_layers=int(transformer.get("num_layers", 0)),
         )
 
     def validate(

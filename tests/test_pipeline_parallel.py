@@ -108,3 +108,22 @@ def test_pp2_matches_pp1_with_staggered_arrivals_and_aborts(qwen_dir, reference,
                 while True:
                     core.step()
             assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (ParallelConfig(pipeline_parallel_size=2, pp_layer_partition=[2]), "one positive block count per pipeline stage"),
+        (ParallelConfig(pipeline_parallel_size=2, pp_layer_partition=[1, 2]), "must sum to the transformer's 2 blocks"),
+        (ParallelConfig(pipeline_parallel_size=3), r"pipeline_parallel_size must be in \[1, 2\]"),
+        (ParallelConfig(pipeline_parallel_size=0), r"pipeline_parallel_size must be an integer in \[1, 16\]"),
+    ],
+)
+def test_bad_layouts_are_rejected_before_any_worker_starts(qwen_dir, config, message):
+    with pytest.raises(ValueError, match=message):
+        Omni(str(qwen_dir), executor="mp", parallel_config=config)
+
+
+def test_pp_rejects_dit(dit_dir):
+    with pytest.raises(ValueError, match="supports qwen-image models"):
+        Omni(str(dit_dir), executor="mp", parallel_config=ParallelConfig(pipeline_parallel_size=2))
