@@ -30,7 +30,7 @@ def evaluate_rows_across_ranks(pipeline: Any, rows: list) -> list[Any]:
             local = pipeline.forward_rows(mine)
         except Exception as exc:  # reported to the peers first, raised below
             error = exc
-    failed = torch.tensor([1 if error is not None else 0], dtype=torch.int32)
+    failed = torch.tensor([1 if error is not None else 0], dtype=torch.int32, device=pipeline.device)  # NCCL needs CUDA
     dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
     if error is not None:
         raise error
