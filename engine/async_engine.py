@@ -133,6 +133,9 @@ class AsyncEngine:
             if self._thread is not None:
                 self._thread.join(timeout=30)
             self.core.shutdown()
+            # Nobody will step these any more: end their streams instead of leaving them hanging.
+            ended = "engine shut down"
+            self._publish([RequestOutput(rid, 0, 0, finished=True, error=ended) for rid in list(self._streams)])
 
     async def __aenter__(self) -> "AsyncEngine":
         return self

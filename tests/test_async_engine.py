@@ -132,3 +132,16 @@ async def test_model_load_failure_reaches_the_user(tmp_path, qwen_dir):
         weights.write_bytes(b"not a safetensors file")
     with pytest.raises(RuntimeError, match="worker 0 failed to start"):
         AsyncEngine(model=str(broken), executor="mp")
+
+
+async def test_shutdown_ends_open_streams(qwen_dir):
+    engine = AsyncEngine(model=str(qwen_dir), executor="inproc")
+    stream = engine.generate("never finishes", SamplingParams(num_inference_steps=1000))
+    await stream.__anext__()
+    await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+    last = None
+    async for last in stream:
+        pass
+    assert last is not None and last.finished and last.error == "engine shut down"
+    with pytest.raises(RuntimeError, match="shut down"):
+        await engine.generate("after", SamplingParams(num_inference_steps=2)).__anext__()
