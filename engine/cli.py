@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("name")
     export.add_argument("directory")
     export.set_defaults(func=_export_preset)
+
+    from engine.bench_cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

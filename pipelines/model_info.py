@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.sampling_params import SamplingParams
 from pipelines.schedulers import check_scheduler
+
+if TYPE_CHECKING:  # the engine imports this module; no import back at run time
+    from engine.sampling_params import SamplingParams
 
 # diffusers pipeline class (model_index.json "_class_name") -> our family name
 FAMILIES = {"QwenImagePipeline": "qwen-image", "DiTPipeline": "dit"}
@@ -89,7 +91,7 @@ class ModelInfo:
 
     def validate(
         self,
-        params: SamplingParams,
+        params: "SamplingParams",
         prompt: str | None,
         negative_prompt: str | None,
         class_label: int | None,

@@ -1,0 +1,243 @@
+"""Serving throughput and latency: stepweave against diffusers baselines on one open-loop workload.
+
+Requests arrive as a Poisson process with a mix of step counts, all with true CFG and a negative
+prompt. The same requests, on the same weights, are served by:
+- `diffusers-sequential`: diffusers' own pipeline, one request at a time in arrival order;
+- `diffusers-static`: the diffusers pipeline on batches of waiting requests that share their
+  parameters (up to the same batch size), each batch run to completion;
+- `stepweave-N`: the AsyncEngine with max_num_seqs=N, requests submitted at their arrival times.
+The baselines run on a simulated clock (a server that is idle jumps to the next arrival; compute
+durations are real), which gives them every benefit of the doubt.
+Usage: python benchmarks/throughput.py [--model small-qwen-image] [--max-num-seqs 1 4 8 16] [--rate R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = ["a lighthouse on a cliff at dusk", "an old map of a harbour town", "a red fox in fresh snow", "a glass teapot on a wooden table", "a steam train crossing a stone bridge", "a field of sunflowers under a storm"]
+NEGATIVES = ["blurry", "low quality, jpeg artifacts", "dark, noisy"]
+CFG_SCALE = 4.0
+
+
+@dataclass
+class Spec:
+    index: int
+    arrival: float
+    steps: int
+    prompt: str
+    negative: str
+    seed: int
+
+
+@dataclass
+class Done:
+    arrival: float
+    start: float
+    finish: float
+    steps: int
+
+
+def make_workload(num: int, rate: float, steps_mix: list[int], seed: int) -> list[Spec]:
+    rng = random.Random(seed)
+    clock, specs = 0.0, []
+    for i in range(num):
+        clock += rng.expovariate(rate)
+        specs.append(Spec(i, clock, rng.choice(steps_mix), rng.choice(PROMPTS), rng.choice(NEGATIVES), seed * 1000 + i))
+    return specs
+
+
+# -- diffusers baselines ---------------------------------------------------------------------
+def _call(pipe, specs: list[Spec], size: tuple[int, int]) -> float:
+    t0 = time.perf_counter()
+    pipe(
+        prompt=[s.prompt for s in specs],
+        negative_prompt=[s.negative for s in specs],
+        true_cfg_scale=CFG_SCALE,
+        num_inference_steps=specs[0].steps,
+        height=size[0],
+        width=size[1],
+        generator=[torch.Generator().manual_seed(s.seed) for s in specs],
+        output_type="np",
+    )
+    return time.perf_counter() - t0
+
+
+def serve_diffusers(pipe, specs: list[Spec], size, max_batch: int) -> tuple[list[Done], list[int]]:
+    """max_batch=1 is sequential serving; otherwise static batches of equal parameters."""
+    pending, done, batches, clock = list(specs), [], [], 0.0
+    while pending:
+        clock = max(clock, pending[0].arrival)
+        waiting = [s for s in pending if s.arrival <= clock]
+        head = waiting[0]
+        batch = [s for s in waiting if s.steps == head.steps][:max_batch]
+        duration = _call(pipe, batch, size)
+        for s in batch:
+            done.append(Done(s.arrival, clock, clock + duration, s.steps))
+            pending.remove(s)
+        batches.append(len(batch))
+        clock += duration
+    return done, batches
+
+
+# -- stepweave ---------------------------------------------------------------------------------
+async def _serve_stepweave(engine, specs: list[Spec], size) -> list[Done]:
+    from engine import SamplingParams
+
+    start = time.perf_counter()
+
+    async def one(spec: Spec) -> Done:
+        await asyncio.sleep(max(0.0, spec.arrival - (time.perf_counter() - start)))
+        arrival = time.perf_counter() - start
+        params = SamplingParams(num_inference_steps=spec.steps, true_cfg_scale=CFG_SCALE, seed=spec.seed, height=size[0], width=size[1], output_type="np")
+        final = None
+        async for final in engine.generate({"prompt": spec.prompt, "negative_prompt": spec.negative}, params):
+            pass
+        if final.error:
+            raise RuntimeError(final.error)
+        finish = time.perf_counter() - start
+        return Done(spec.arrival, spec.arrival + (final.metrics.queue_time_s or 0.0), spec.arrival + (finish - arrival), spec.steps)
+
+    return await asyncio.gather(*(one(s) for s in specs))
+
+
+def serve_stepweave(model: str, specs: list[Spec], size, max_num_seqs: int, executor: str) -> tuple[list[Done], float]:
+    from engine import AsyncEngine
+
+    engine = AsyncEngine(model=model, max_num_seqs=max_num_seqs, executor=executor)
+    try:
+        warm = [Spec(0, 0.0, 2, PROMPTS[0], NEGATIVES[0], 0)]
+        asyncio.run(_serve_stepweave(engine, warm, size))
+        before = (engine.core.stats.rows, engine.core.stats.batches)
+        done = asyncio.run(_serve_stepweave(engine, specs, size))
+        rows, batches = engine.core.stats.rows - before[0], engine.core.stats.batches - before[1]
+    finally:
+        engine.shutdown()
+    return done, rows / max(batches, 1)
+
+
+# -- report ------------------------------------------------------------------------------------
+def summarize(done: list[Done], occupancy: float) -> dict:
+    latencies = sorted(d.finish - d.arrival for d in done)
+    makespan = max(d.finish for d in done) - min(d.arrival for d in done)
+    return {
+        "throughput_rps": len(done) / makespan,
+        "steps_per_s": sum(d.steps for d in done) / makespan,
+        "mean_latency_s": statistics.mean(latencies),
+        "p50_latency_s": latencies[len(latencies) // 2],
+        "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "mean_queue_s": statistics.mean(d.start - d.arrival for d in done),
+        "mean_batch_occupancy": occupancy,
+        "latencies_s": latencies,
+    }
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, system in report["systems"].items():
+        lat = system["latencies_s"]
+        cdf.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=name)
+    cdf.set_xlabel("latency (s)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title("latency CDF")
+    cdf.legend()
+    names = list(report["systems"])
+    bars.bar(names, [report["systems"][n]["throughput_rps"] for n in names], color="tab:green")
+    bars.set_ylabel("requests / s")
+    bars.set_title("throughput")
+    bars.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{report['config']['model']}, rate {report['config']['rate']:.2f} req/s")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="stepweave throughput against diffusers baselines")
+    parser.add_argument("--model", default="small-qwen-image")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=None, help="req/s (default: 1.5x what sequential sustains)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 30, 40])
+    parser.add_argument("--max-num-seqs", type=int, nargs="+", default=[8])
+    parser.add_argument("--executor", choices=["mp", "inproc"], default="mp")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every system's model")
+    parser.add_argument("--json", default="benchmarks/results/throughput.json")
+    parser.add_argument("--plot", default="benchmarks/results/throughput.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)  # the stepweave worker inherits the same budget
+
+    import diffusers
+
+    from benchmarks.forward_cost import forward_seconds
+    from pipelines.model_info import ModelInfo
+
+    info = ModelInfo.load(args.model)
+    size = (info.default_height, info.default_width)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path))
+    pipe.set_progress_bar_config(disable=True)
+    probe = Spec(0, 0.0, min(args.steps), PROMPTS[0], NEGATIVES[0], 0)
+    _call(pipe, [probe], size)  # warm-up
+    short = _call(pipe, [probe], size)
+    long = _call(pipe, [Spec(0, 0.0, max(args.steps), PROMPTS[0], NEGATIVES[0], 0)], size)
+    per_step = (long - short) / max(1, max(args.steps) - min(args.steps))
+    service = short + per_step * (statistics.mean(args.steps) - min(args.steps))
+    rate = args.rate or 1.5 / service
+    args.rate = rate
+    specs = make_workload(args.num_requests, rate, args.steps, args.seed)
+
+    systems = {}
+    done, batches = serve_diffusers(pipe, specs, size, max_batch=1)
+    systems["diffusers-sequential"] = summarize(done, 1.0)
+    done, batches = serve_diffusers(pipe, specs, size, max_batch=max(args.max_num_seqs))
+    systems["diffusers-static"] = summarize(done, statistics.mean(batches))
+    for n in args.max_num_seqs:
+        done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor)
+        systems[f"stepweave-{n}"] = summarize(done, occupancy)
+
+    widest = max(args.max_num_seqs)
+    limit = forward_seconds(str(info.path), rows=2, threads=torch.get_num_threads()) / (
+        forward_seconds(str(info.path), rows=2 * widest, threads=torch.get_num_threads()) / widest
+    )
+    base = systems["diffusers-sequential"]["throughput_rps"]
+    report = {
+        "systems": systems,
+        "batch_compute_limit": limit,
+        "efficiency": {name: s["throughput_rps"] / base / limit for name, s in systems.items()},
+        "config": {**vars(args), "sequential_service_s": service, "batch_compute_limit_rows": f"2 rows (CFG) per request, batch {widest}"},
+    }
+    print("| system | req/s | x sequential | steps/s | p50 s | p99 s | mean queue s | batch occupancy | efficiency |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, s in systems.items():
+        print(
+            f"| {name} | {s['throughput_rps']:.3f} | {s['throughput_rps'] / base:.2f} | {s['steps_per_s']:.1f} | "
+            f"{s['p50_latency_s']:.2f} | {s['p99_latency_s']:.2f} | {s['mean_queue_s']:.2f} | "
+            f"{s['mean_batch_occupancy']:.2f} | {report['efficiency'][name]:.2f} |"
+        )
+    print(f"batch-compute limit (batch {widest} vs 1): x{limit:.2f}; arrival rate {rate:.2f} req/s")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, args.plot)
+    return report
+
+
+if __name__ == "__main__":
+    main()

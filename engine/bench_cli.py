@@ -1,0 +1,38 @@
+"""`stepweave bench`: run the throughput benchmark from a source checkout.
+
+Benchmarks live beside the packages (they are scripts, not library code), so the command finds
+`benchmarks/throughput.py` next to the installed `engine` package and runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+
+def _script() -> Path:
+    return Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+
+
+def _run(args: argparse.Namespace) -> int:
+    script = _script()
+    if not script.is_file():
+        print(f"error: {script} not found; `stepweave bench` needs a source checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    saved = sys.argv
+    sys.argv = [str(script), *args.bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def add_bench_parser(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="throughput against diffusers baselines (benchmarks/throughput.py)", add_help=False
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/throughput.py")
+    bench.set_defaults(func=_run)

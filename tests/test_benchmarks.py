@@ -1,0 +1,46 @@
+"""Smoke runs of every benchmark on a tiny workload, so they keep working."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SYSTEM_KEYS = {"throughput_rps", "steps_per_s", "mean_latency_s", "p50_latency_s", "p99_latency_s", "mean_queue_s", "mean_batch_occupancy"}
+
+
+def test_throughput_benchmark_via_cli(tmp_path, _preset_cache):
+    from engine.cli import main
+
+    out, png = tmp_path / "t.json", tmp_path / "t.png"
+    code = main(["bench", "--model", "tiny-qwen-image", "--num-requests", "4", "--steps", "2", "3",
+                 "--max-num-seqs", "1", "2", "--executor", "inproc", "--json", str(out), "--plot", str(png)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == {"diffusers-sequential", "diffusers-static", "stepweave-1", "stepweave-2"}
+    for system in report["systems"].values():
+        assert SYSTEM_KEYS <= set(system) and system["throughput_rps"] > 0
+    assert report["batch_compute_limit"] > 0 and set(report["efficiency"]) == set(report["systems"])
+    assert png.stat().st_size > 0
+
+
+def test_overhead_benchmark(tmp_path, _preset_cache):
+    from benchmarks import overhead
+
+    report = overhead.main(["--models", "tiny-qwen-image", "--short", "1", "--long", "2", "--repeats", "1", "--json", str(tmp_path / "o.json")])
+    row = report["results"][0]
+    for key in ("direct_step_us", "inproc_step_us", "mp_step_us", "mp_worker_idle_per_step_us", "mp_sync_worker_idle_per_step_us"):
+        assert key in row
+
+
+@pytest.mark.parametrize("name", ["cfg_parallel", "pipeline_parallel"])
+def test_parallel_benchmarks(tmp_path, _preset_cache, name):
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    report = module.main(["--model", "tiny-qwen-image", "--num-requests", "2", "--steps", "2",
+                          "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    assert len(report["systems"]) == 2 and all(s["throughput_rps"] > 0 for s in report["systems"].values())
+    assert (tmp_path / "r.png").stat().st_size > 0
