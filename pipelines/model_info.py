@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.schedulers import check_scheduler
+from pipelines.schedulers import check_schedule, check_scheduler
 
 if TYPE_CHECKING:  # the engine imports this module; no import back at run time
     from engine.sampling_params import SamplingParams
@@ -128,6 +128,13 @@ class ModelInfo:
                 if value is not None and value != default:
                     raise ValueError(f"SamplingParams.{side} must be {default} (fixed by this DiT model), got {value}")
         check_scheduler(self.scheduler_config, params.scheduler, params.scheduler_config, self.flow)
+        if self.flow:
+            tokens = ((params.height or self.default_height) // 16) * ((params.width or self.default_width) // 16)
+        else:
+            tokens = 0
+        check_schedule(
+            self.scheduler_config, params.scheduler, params.scheduler_config, self.flow, params.num_inference_steps, tokens
+        )
 
 
 def _short(value: object) -> str:

@@ -47,6 +47,33 @@ def check_scheduler(base_config: dict[str, Any], name: str | None, overrides: di
     _checked_template(*_key(base_config, name, overrides, flow))
 
 
+def check_schedule(
+    base_config: dict[str, Any], name: str | None, overrides: dict[str, Any] | None, flow: bool, steps: int, image_seq_len: int
+) -> None:
+    """Raise ValueError when this many steps give a broken schedule (e.g. a one-step flow
+    schedule with a terminal shift divides by zero, in diffusers too)."""
+    _checked_schedule(*_key(base_config, name, overrides, flow), steps, image_seq_len)
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_schedule(base_json: str, name: str | None, overrides_json: str, flow: bool, steps: int, image_seq_len: int) -> None:
+    import torch
+
+    scheduler = copy.deepcopy(_checked_template(base_json, name, overrides_json, flow))
+    if flow:
+        set_flow_timesteps(scheduler, steps, image_seq_len=image_seq_len)
+    else:
+        scheduler.set_timesteps(steps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if not torch.isfinite(torch.as_tensor(scheduler.timesteps, dtype=torch.float64)).all() or (
+        sigmas is not None and not torch.isfinite(torch.as_tensor(sigmas, dtype=torch.float64)).all()
+    ):
+        raise ValueError(
+            f"SamplingParams.num_inference_steps={steps} gives a non-finite schedule with "
+            f"{name or 'the model scheduler'}; use more steps"
+        )
+
+
 def _key(base_config, name, overrides, flow) -> tuple:
     dump = lambda value: json.dumps(value, sort_keys=True, default=str)  # noqa: E731
     return dump(base_config), name, dump(overrides or {}), flow

@@ -38,6 +38,7 @@ def test_abort_running_and_waiting_leaves_no_state(omni):
     [
         ("ok", SamplingParams(num_inference_steps=0), "num_inference_steps must be an integer in [1, 1000]"),
         ("ok", SamplingParams(height=40), "height must be a multiple of 16"),
+        ("ok", SamplingParams(num_inference_steps=1), "num_inference_steps=1 gives a non-finite schedule"),
         ("ok", SamplingParams(scheduler="NoSuchScheduler"), "unknown diffusers scheduler class 'NoSuchScheduler'"),
         ("ok", SamplingParams(scheduler="DDIMScheduler"), "cannot drive this model"),
         ("ok", SamplingParams(scheduler_config={"not_an_option": 1}), "has no option(s) ['not_an_option']"),
