@@ -159,7 +159,7 @@ class AsyncEngine:
             while True:
                 if not self._drain_inputs(block=not core.has_work()):
                     return
-                if self._queries and core._pending == 0:
+                if self._queries and core.pending_batches == 0:
                     self._answer_queries()
                     continue
                 outputs = core.step()

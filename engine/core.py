@@ -1,9 +1,9 @@
-"""EngineCore: the scheduler and the executor, one synchronous step at a time.
+"""EngineCore: the scheduler and the executor, stepped synchronously.
 
-`step()` is the whole loop body: schedule a batch, run it, apply the results. The core does no
-IO of its own, so the offline front door drives it directly and the async engine drives the same
-object from its event loop (submitting and collecting separately, so more than one batch can be
-in flight).
+`step()` is the whole loop body: submit every batch the scheduler allows (one, or two with async
+scheduling, or P under pipeline parallelism), collect the oldest one's results and apply them.
+The core does no IO of its own beyond the executor, so the offline front door drives it
+directly and the async engine drives the same object from its core thread.
 """
 
 from __future__ import annotations
@@ -118,6 +118,11 @@ class EngineCore:
     def has_work(self) -> bool:
         """Something to schedule, drop or collect: the loop should keep stepping."""
         return self.scheduler.has_work() or self._pending > 0
+
+    @property
+    def pending_batches(self) -> int:
+        """Batches submitted to the workers and not yet collected."""
+        return self._pending
 
     # -- stepping ----------------------------------------------------------------------------
     def schedule(self) -> StepBatch | None:
