@@ -31,8 +31,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(commands) -> None:
+    # Every argument belongs to the benchmark, options included: with a prefix character no
+    # argv string can hold, this parser treats "--model ..." as plain values (a REMAINDER
+    # positional alone would leave a leading option unrecognized), and --help reaches the script.
     bench = commands.add_parser(
-        "bench", help="throughput against diffusers baselines (benchmarks/throughput.py)", add_help=False
+        "bench",
+        help="throughput against diffusers baselines (benchmarks/throughput.py)",
+        add_help=False,
+        prefix_chars="\0",
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/throughput.py")
     bench.set_defaults(func=_run)

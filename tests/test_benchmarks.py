@@ -15,7 +15,7 @@ def test_throughput_benchmark_via_cli(tmp_path, _preset_cache):
     from engine.cli import main
 
     out, png = tmp_path / "t.json", tmp_path / "t.png"
-    code = main(["bench", "--model", "tiny-qwen-image", "--num-requests", "4", "--steps", "2", "3",
+    code = main(["bench", "--model", "tiny-qwen-image", "--num-requests", "4", "--rate", "50", "--steps", "2", "3",
                  "--max-num-seqs", "1", "2", "--executor", "inproc", "--json", str(out), "--plot", str(png)])
     assert code == 0
     report = json.loads(out.read_text())
@@ -29,7 +29,8 @@ def test_throughput_benchmark_via_cli(tmp_path, _preset_cache):
 def test_overhead_benchmark(tmp_path, _preset_cache):
     from benchmarks import overhead
 
-    report = overhead.main(["--models", "tiny-qwen-image", "--short", "1", "--long", "2", "--repeats", "1", "--json", str(tmp_path / "o.json")])
+    # At least 2 steps: Qwen-Image's scheduler (shift_terminal) yields NaN sigmas for 1 step, in diffusers too.
+    report = overhead.main(["--models", "tiny-qwen-image", "--short", "2", "--long", "3", "--repeats", "1", "--json", str(tmp_path / "o.json")])
     row = report["results"][0]
     for key in ("direct_step_us", "inproc_step_us", "mp_step_us", "mp_worker_idle_per_step_us", "mp_sync_worker_idle_per_step_us"):
         assert key in row
