@@ -96,6 +96,9 @@ class PipelineParallelMixin:
             return
         state.step_index += 1
         if self.is_first_stage and not last_step:
+            # A CFG rank that owns no row of this request never touched its latents: complete
+            # that receive before posting the next, or the unfinished one would be dropped.
+            self.release(state)
             shape = tuple(resolve_shape(state))
             state.latents = AsyncLatents.receive(shape, self.dtype, self.device, src=self.pp_last, tag=LATENTS_TAG)
 
