@@ -58,13 +58,21 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
         """float32 (1, H, W, 3) in [0, 1], as the diffusers pipeline's output_type="np"."""
         raise NotImplementedError
 
-    def finish(self, state: RequestState) -> np.ndarray | None:
-        """The final image, decoded only on the rank that reports results (None elsewhere)."""
+    def post_decode_batch(self, states: Sequence[RequestState]) -> list[np.ndarray]:
+        """Decode several finished requests of one batch key; pipelines override this with one
+        batched VAE call."""
+        return [self.post_decode(state) for state in states]
+
+    def finish_batch(self, states: Sequence[RequestState]) -> list[np.ndarray | None]:
+        """Final images, decoded only on the rank that reports results (None elsewhere)."""
         if not self.reports_results:
-            return None
-        if not bool(torch.isfinite(state.latents).all()):
-            raise FloatingPointError("latents are not finite after the last step")
-        return self.post_decode(state)
+            return [None] * len(states)
+        finite = torch.stack([torch.isfinite(state.latents).all() for state in states]).tolist()
+        if not all(finite):
+            if len(states) == 1:
+                raise FloatingPointError("latents are not finite after the last step")
+            raise FloatingPointError("a request's latents are not finite; decoding one at a time")
+        return self.post_decode_batch(states)
 
     # -- shared helpers ----------------------------------------------------------------------
     def new_scheduler(self, request: NewRequest) -> Any:

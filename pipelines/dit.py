@@ -70,8 +70,12 @@ class DiTStepPipeline(StepPipeline):
         return (1, self.pipe.transformer.config.out_channels, self.latent_size, self.latent_size)
 
     def post_decode(self, state: RequestState) -> np.ndarray:
+        return self.post_decode_batch([state])[0]
+
+    def post_decode_batch(self, states: Sequence[RequestState]) -> list[np.ndarray]:
+        """The tail of DiTPipeline.__call__, for several requests in one VAE call."""
         vae = self.pipe.vae
-        latents = state.latents / vae.config.scaling_factor
+        latents = torch.cat([state.latents for state in states]) / vae.config.scaling_factor
         samples = vae.decode(latents).sample
         samples = (samples / 2 + 0.5).clamp(0, 1)
-        return samples.cpu().permute(0, 2, 3, 1).float().numpy()
+        return list(np.split(samples.cpu().permute(0, 2, 3, 1).float().numpy(), len(states)))

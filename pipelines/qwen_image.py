@@ -169,13 +169,19 @@ class QwenImageStepPipeline(StepPipeline):
         return result
 
     def post_decode(self, state: RequestState) -> np.ndarray:
+        return self.post_decode_batch([state])[0]
+
+    def post_decode_batch(self, states: Sequence[RequestState]) -> list[np.ndarray]:
+        """The tail of QwenImagePipeline.__call__, for same-size requests in one VAE call."""
         pipe = self.pipe
         vae = pipe.vae
-        latents = pipe._unpack_latents(state.latents, state.extra["height"], state.extra["width"], self.vae_scale_factor)
-        latents = latents.to(vae.dtype)
+        height, width = states[0].extra["height"], states[0].extra["width"]
+        latents = torch.cat([state.latents for state in states])
+        latents = pipe._unpack_latents(latents, height, width, self.vae_scale_factor).to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         latents = latents / inv_std + mean
         image = vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return pipe.image_processor.postprocess(image, output_type="np").astype(np.float32, copy=False)
+        images = pipe.image_processor.postprocess(image, output_type="np").astype(np.float32, copy=False)
+        return list(np.split(images, len(states)))

@@ -65,23 +65,43 @@ class ModelRunner:
                 return [self._fail(group[0], exc)]
             return [out for state in group for out in self._step_group([state])]
         if predictions is None:  # an earlier pipeline stage: the last stage predicts
-            return [self._advance(state, None, True) for state in group]
-        finite = torch.stack([_all_finite(p) for p in predictions]).tolist()
-        return [self._advance(s, p, ok) for s, p, ok in zip(group, predictions, finite)]
+            predictions, finite = [None] * len(group), [True] * len(group)
+        else:
+            finite = torch.stack([_all_finite(p) for p in predictions]).tolist()
+        outputs: list[StepOutput | None] = [self._advance(s, p, ok) for s, p, ok in zip(group, predictions, finite)]
+        done = [state for state, out in zip(group, outputs) if out is None]
+        if done:
+            finals = iter(self._finish(done))
+            outputs = [out if out is not None else next(finals) for out in outputs]
+        return outputs
 
-    def _advance(self, state: RequestState, prediction: Any, finite: bool) -> StepOutput:
+    def _advance(self, state: RequestState, prediction: Any, finite: bool) -> StepOutput | None:
+        """Step one request; None means it just took its last step and needs decoding."""
         try:
             # Stepped even when not finite: pipeline stages must see the same sequence of steps.
             self.pipeline.step_scheduler(state, prediction)
             if not finite:
                 raise FloatingPointError(f"noise prediction is not finite at step {state.step_index}")
-            if not state.done:
-                return StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps)
-            image = self.pipeline.finish(state)
         except Exception as exc:
             return self._fail(state, exc)
-        del self.states[state.request_id]
-        return StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps, finished=True, image=image)
+        if state.done:
+            return None
+        return StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps)
+
+    def _finish(self, states: list[RequestState]) -> list[StepOutput]:
+        """Decode every request that finished in this group together (one VAE call), falling
+        back to one at a time so a failing decode fails only its own request."""
+        try:
+            images = self.pipeline.finish_batch(states)
+        except Exception as exc:
+            if len(states) == 1:
+                return [self._fail(states[0], exc)]
+            return [out for state in states for out in self._finish([state])]
+        outputs = []
+        for state, image in zip(states, images):
+            del self.states[state.request_id]
+            outputs.append(StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps, finished=True, image=image))
+        return outputs
 
     def _fail(self, state: RequestState, exc: BaseException) -> StepOutput:
         self.states.pop(state.request_id, None)
