@@ -12,20 +12,22 @@ from tests.conftest import diffusers_reference, run_staggered
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def qwen(qwen_dir):
-    with Omni(model=str(qwen_dir), max_num_seqs=8, executor="inproc") as omni:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(qwen_dir))
+def _engine_and_reference(model_dir):
+    """stepweave and diffusers' own pipeline on the same directory."""
+    with Omni(model=str(model_dir), max_num_seqs=8, executor="inproc") as omni:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(model_dir))
         pipe.set_progress_bar_config(disable=True)
         yield omni, pipe
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir):
+    yield from _engine_and_reference(qwen_dir)
 
 
 @pytest.fixture(scope="module")
 def dit(dit_dir):
-    with Omni(model=str(dit_dir), max_num_seqs=8, executor="inproc") as omni:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(dit_dir))
-        pipe.set_progress_bar_config(disable=True)
-        yield omni, pipe
+    yield from _engine_and_reference(dit_dir)
 
 
 def _assert_matches(omni, pipe, output, prompt, params):
