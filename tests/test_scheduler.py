@@ -96,3 +96,20 @@ def test_bounded_waiting_queue_rejects_when_full():
     s.add_request(make("a"))
     with pytest.raises(OverloadedError, match="max_waiting=1"):
         s.add_request(make("b"))
+
+
+def test_async_scheduling_overlaps_steps_and_reconciles_errors():
+    s = StepScheduler(max_num_seqs=4, max_batches_in_flight=2, overlap=True)
+    s.add_request(make("a", steps=3))
+    s.add_request(make("b", steps=3))
+    b0 = s.schedule(0.0)
+    b1 = s.schedule(0.0)  # step k+1 goes out before step k's results
+    assert [n.request_id for n in b0.new] == ["a", "b"] and b1.cached == ["a", "b"]
+    assert s.schedule(0.0) is None  # two batches in flight
+    s.update(fake_results(b0, errors={"b"}), 1.0)  # b fails at step 1 while its step 2 is in flight
+    b2 = s.schedule(1.0)
+    assert b2.cached == ["a"] and b2.drop == ["b"]  # a's last step is planned; b's state is dropped
+    assert [o.request_id for o in s.update(fake_results(b1), 2.0)] == ["a"]  # b's late result is ignored
+    assert s.schedule(2.0) is None  # all of a's steps are planned: nothing more to send
+    (final,) = s.update(fake_results(b2, finished={"a"}), 3.0)
+    assert final.request_id == "a" and final.finished and not s.has_work()
