@@ -9,9 +9,10 @@ interpreter exit and when the executor is garbage-collected, so no worker outliv
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -24,7 +25,7 @@ from engine.config import ParallelConfig
 from engine.protocol import FromWorker, Shutdown, StateQuery, StateReply, StepBatch, StepResults, WorkerFailed, WorkerReady
 from engine.wire import Decoder, Encoder, WireError
 from runner.executor import EngineDeadError, Executor
-from runner.worker import WorkerConfig, worker_main
+from runner.worker import WorkerConfig
 
 POLL_S = 0.2
 
@@ -56,7 +57,6 @@ class MultiprocExecutor(Executor):
         # Workers split the engine process's intra-op thread budget.
         threads = threads_per_worker or max(1, torch.get_num_threads() // self.world_size)
         dist_address = f"127.0.0.1:{_free_port()}"
-        spawn = multiprocessing.get_context("spawn")
         self._batch_sockets, self.processes = [], []
         for rank in range(self.world_size):
             address = f"ipc://{self._dir}/batches-{rank}"
@@ -77,9 +77,7 @@ class MultiprocExecutor(Executor):
                 device=device,
                 num_threads=threads,
             )
-            process = spawn.Process(target=worker_main, args=(config,), name=f"stepweave-worker-{rank}", daemon=True)
-            process.start()
-            self.processes.append(process)
+            self.processes.append(WorkerProcess(config))
         self._encoder = Encoder()
         self._decoder = Decoder(FromWorker, max_frames=1 << 20)  # trusted peers: one frame per finished image
         self._finalizer = weakref.finalize(self, _shutdown, self._context, self._batch_sockets, self.processes, self._dir)
@@ -169,6 +167,48 @@ class MultiprocExecutor(Executor):
             self._dead = reason
             self.shutdown()
         self._check_alive()
+
+
+class WorkerProcess:
+    """A worker started as `python -m runner.worker CONFIG`.
+
+    A fresh interpreter, not multiprocessing's spawn: spawn re-imports the caller's __main__ in
+    the child, so a user script without an `if __name__ == "__main__"` guard would start engines
+    recursively. Its own session keeps the terminal's Ctrl-C away from it (the engine shuts it
+    down), and the worker dies with its parent (PR_SET_PDEATHSIG).
+    """
+
+    def __init__(self, config: WorkerConfig):
+        import msgspec
+
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self._popen = subprocess.Popen(
+            [sys.executable, "-m", "runner.worker", msgspec.json.encode(config).decode()],
+            env=env,
+            start_new_session=True,
+        )
+        self.pid = self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        self._popen.kill()
 
 
 def _shutdown(context, batch_sockets, processes, directory) -> None:

@@ -118,3 +118,11 @@ def _build_runner(config: WorkerConfig):
 
         setup_parallel(pipeline, config)
     return ModelRunner(pipeline)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import msgspec
+
+    worker_main(msgspec.json.decode(sys.argv[1], type=WorkerConfig))
