@@ -30,6 +30,7 @@ class RequestStream:
         self.loop = loop  # the consumer's event loop; only it touches this stream
         self._progress: RequestOutput | None = None
         self._final: RequestOutput | None = None
+        self._rejection: BaseException | None = None
         self._ready = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
@@ -39,8 +40,15 @@ class RequestStream:
             self._progress = output
         self._ready.set()
 
+    def reject(self, exc: BaseException) -> None:
+        """The request never ran (e.g. a server refused it): the consumer's next get raises."""
+        self._rejection = exc
+        self._ready.set()
+
     async def get(self) -> RequestOutput:
         while True:
+            if self._rejection is not None:
+                raise self._rejection
             if self._progress is not None:
                 output, self._progress = self._progress, None
                 return output

@@ -7,12 +7,11 @@ others run.
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 from engine.config import ParallelConfig
 from engine.core import EngineCore
-from engine.outputs import RequestMetrics, RequestOutput
+from engine.outputs import RequestOutput, failed_output
 from engine.sampling_params import SamplingParams
 
 
@@ -42,29 +41,19 @@ class Omni:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(
-                    f"sampling_params has {len(params_list)} entries but there are {len(prompts)} prompts"
-                )
+        prompts, params_list = pair_prompts(prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(prompts)
         index_of: dict[str, int] = {}
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             try:
                 request = self.core.make_request(prompt, params)
             except ValueError as exc:
-                results[i] = _rejected(f"omni-rejected-{i}", exc)
+                results[i] = failed_output(f"omni-rejected-{i}", f"ValueError: {exc}")
                 continue
             index_of[request.request_id] = i
             self.core.add_request(request)
 
-        bar = _progress_bar(len(index_of), use_tqdm)
+        bar = progress_bar(len(index_of), use_tqdm)
         try:
             while index_of:
                 for output in self.core.step():
@@ -91,14 +80,20 @@ class Omni:
         self.shutdown()
 
 
-def _rejected(request_id: str, exc: Exception) -> RequestOutput:
-    now = time.monotonic()
-    return RequestOutput(
-        request_id, 0, 0, finished=True, error=f"ValueError: {exc}", metrics=RequestMetrics(now, None, 0.0, 0)
-    )
+def pair_prompts(prompts, sampling_params) -> tuple[list, list]:
+    """One prompt or many, one SamplingParams for all or one each -> two lists of equal length."""
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return prompts, [sampling_params] * len(prompts)
+    params_list = list(sampling_params)
+    if len(params_list) != len(prompts):
+        raise ValueError(f"sampling_params has {len(params_list)} entries but there are {len(prompts)} prompts")
+    return prompts, params_list
 
 
-def _progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
     if not enabled or total == 0:
         return None
     from tqdm.auto import tqdm

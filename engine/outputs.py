@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,3 +48,8 @@ def to_images(array: np.ndarray, output_type: str) -> Any:
 
     pixels = (array * 255).round().astype("uint8")
     return [Image.fromarray(p) for p in pixels]
+
+
+def failed_output(request_id: str, error: str) -> RequestOutput:
+    """A final output for a request that ended without running (rejected, or its server lost)."""
+    return RequestOutput(request_id, 0, 0, finished=True, error=error, metrics=RequestMetrics(time.monotonic(), None, 0.0, 0))
