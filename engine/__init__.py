@@ -1,6 +1,7 @@
 """stepweave's engine: request lifecycle, step scheduling and the front doors."""
 
 from engine.async_engine import AsyncEngine
+from engine.client import AsyncEngineClient, EngineClient
 from engine.config import ParallelConfig
 from engine.omni import Omni
 from engine.outputs import RequestMetrics, RequestOutput
@@ -10,6 +11,8 @@ from runner.executor import EngineDeadError
 
 __all__ = [
     "AsyncEngine",
+    "AsyncEngineClient",
+    "EngineClient",
     "EngineDeadError",
     "Omni",
     "OverloadedError",

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.bench_cli import add_bench_parser
 
     add_bench_parser(commands)
+    from engine.server import add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 

@@ -1,0 +1,479 @@
+"""The engine as a service: one AsyncEngine behind a ZeroMQ ROUTER socket.
+
+`stepweave serve` runs this. Each client (a DEALER) opens a session with a versioned `Hello`;
+its request ids are namespaced by the session on the server, so clients never see or touch each
+other's requests. Every request becomes one task iterating `AsyncEngine.generate` and sending
+its outputs back; scheduling, batching and backpressure stay in the engine. Whatever arrives is
+decoded with types and size-checked; anything else gets an error reply or is dropped, never a
+crash. A client that disconnects or stops sending heartbeats has its requests aborted: the
+socket monitor reports every dropped connection, and with ROUTER_MANDATORY a probe to each
+session then tells which peer is gone (ZMQ_ROUTER_NOTIFY would name it directly, but it is a
+draft option that stock libzmq builds lack). SIGTERM stops taking requests, lets running ones
+finish for up to the drain timeout, aborts the rest and shuts the engine's workers down. A dead
+engine stops the server with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import hmac
+import ipaddress
+import itertools
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from engine.async_engine import AsyncEngine
+from engine.service_protocol import (
+    MAX_CLIENT_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Abort,
+    ClientMessage,
+    Error,
+    Generate,
+    Goodbye,
+    Hello,
+    Output,
+    Ping,
+    Pong,
+    Rejected,
+    RequestRef,
+    StateQuery,
+    StateReply,
+    Welcome,
+    default_address,
+    to_wire,
+)
+from engine.wire import Decoder, Encoder, WireError
+from runner.executor import EngineDeadError
+
+log = logging.getLogger("stepweave.server")
+
+MIN_REMOTE_TOKEN_CHARS = 16
+
+
+def check_bind_address(address: str, auth_token: str | None) -> None:
+    """Only local addresses may be served without a token: ipc, or tcp on a loopback host.
+    Anything reachable from other machines (a routable IP, a host name, `*`) needs one."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or not rest:
+        raise ValueError(f"address must be ipc://PATH or tcp://HOST:PORT, got {address!r}")
+    if scheme == "ipc":
+        return
+    if scheme != "tcp":
+        raise ValueError(f"address must use ipc:// or tcp://, got {address!r}")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"tcp address must be tcp://HOST:PORT (PORT may be *), got {address!r}")
+    if _is_loopback(host.strip("[]")):
+        return
+    if not auth_token or len(auth_token) < MIN_REMOTE_TOKEN_CHARS:
+        raise ValueError(
+            f"binding {address} exposes the engine beyond this machine; pass --auth-token with at least "
+            f"{MIN_REMOTE_TOKEN_CHARS} characters (clients present it), or bind ipc:// or tcp://127.0.0.1"
+        )
+
+
+def claim_ipc_path(address: str) -> None:
+    """Make an ipc address ready to bind. zmq's ipc bind silently replaces an existing socket
+    file, which would cut a running server off from its clients: refuse when one answers there,
+    clear a stale socket file. The default directory must be private to this user."""
+    path = Path(address[len("ipc://"):])
+    if address == default_address():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.parent.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ValueError(f"{path.parent} must belong to this user with mode 0700 (it holds the server's socket)")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ValueError(f"cannot serve on {address}: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:  # nobody listening: a stale file from a server that died
+            path.unlink(missing_ok=True)
+            return
+    raise ValueError(f"cannot serve on {address}: another server is running there")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host or interface name: may resolve to anything
+        return False
+
+
+class Session:
+    """One connected client: its routing identity, namespace and running requests."""
+
+    def __init__(self, identity: bytes, sid: str, now: float):
+        self.identity = identity
+        self.sid = sid
+        self.last_seen = now
+        self.requests: dict[str, asyncio.Task] = {}  # the client's request id -> its task
+
+
+class EngineServer:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        address: str | None = None,
+        *,
+        auth_token: str | None = None,
+        client_timeout_s: float = 15.0,
+        drain_timeout_s: float = 30.0,
+        max_message_bytes: int = MAX_CLIENT_MESSAGE_BYTES,
+    ):
+        self.address = address or default_address()
+        check_bind_address(self.address, auth_token)
+        self.engine = engine
+        self.model = str(engine.core.model_info.path)
+        self.auth_token = auth_token
+        self.client_timeout_s = client_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.bound_address: str | None = None
+        self._sessions: dict[bytes, Session] = {}
+        self._sids = itertools.count()
+        self._encoder = Encoder()
+        self._decoder = Decoder(ClientMessage, max_frames=1)
+        self._ref_decoder = msgspec.msgpack.Decoder(RequestRef)
+        self._draining = False
+        self.exit_code = 0
+        self._stop: asyncio.Event | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Begin the graceful shutdown (what SIGTERM and SIGINT do)."""
+        if self._stop is not None and not self._stop.is_set():
+            log.info("shutdown requested: draining in-flight requests (up to %.0f s)", self.drain_timeout_s)
+            self._draining = True
+            self._stop.set()
+
+    async def serve(self) -> None:
+        """Bind, serve until request_stop(), drain, shut the engine down."""
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (RuntimeError, ValueError):  # not the main thread (embedded): no signals
+                pass
+        context = zmq.asyncio.Context()
+        self._socket = context.socket(zmq.ROUTER)
+        try:
+            self._bind(self._socket)
+            log.info("stepweave server ready: serving %s on %s (protocol %d)", self.model, self.bound_address, PROTOCOL_VERSION)
+            monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            tasks = [
+                asyncio.create_task(self._receive_loop()),
+                asyncio.create_task(self._reap_silent_sessions()),
+                asyncio.create_task(self._watch_disconnects(monitor)),
+                asyncio.create_task(self._watch_engine()),
+            ]
+            await self._stop.wait()
+            await self._drain()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._socket.disable_monitor()
+            monitor.close(linger=0)
+        finally:
+            await loop.run_in_executor(None, self.engine.shutdown)
+            self._socket.close(linger=1000)  # let the last outputs and errors go out
+            context.term()
+            self._remove_ipc_file()
+            log.info("stepweave server stopped; engine shut down")
+
+    def _bind(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # never drop a final output to a slow (but live) client
+        # Far larger messages cut the peer off inside zmq before they are buffered; moderately
+        # large ones reach _handle and get a clear "oversize" reply.
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_message_bytes)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer fails: how we find it
+        path = self._ipc_path()
+        if path is None:
+            sock.bind(self.address)
+        else:
+            claim_ipc_path(self.address)
+            old = os.umask(0o177)  # the socket file is created owner-only, no window for others
+            try:
+                sock.bind(self.address)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+        self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _ipc_path(self) -> Path | None:
+        return Path(self.address[len("ipc://"):]) if self.address.startswith("ipc://") else None
+
+    def _remove_ipc_file(self) -> None:
+        path = self._ipc_path()
+        if path is not None and self.bound_address is not None:  # ours, not another server's
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+    async def _watch_engine(self) -> None:
+        """A dead engine (a worker crashed) cannot serve again: stop with exit code 1, so that a
+        supervisor restarts the service, instead of refusing every request from now on."""
+        while not self.engine.is_dead:
+            await asyncio.sleep(0.5)
+        log.error("the engine died; stopping the server (exit code 1) so it can be restarted")
+        self.exit_code = 1
+        self.request_stop()
+
+    async def _drain(self) -> None:
+        tasks = [t for s in self._sessions.values() for t in s.requests.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.drain_timeout_s)
+            error = f"server shut down before the request finished (drain timeout {self.drain_timeout_s:g} s)"
+            for session in list(self._sessions.values()):
+                for request_id, task in list(session.requests.items()):
+                    if task in pending:
+                        task.cancel()  # its engine request is aborted as the task unwinds
+                        self._post(session.identity, Output(request_id=request_id, step=0, num_steps=0, finished=True, error=error))
+            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                log.info("aborted %d request(s) still running after the drain timeout", len(pending))
+
+    # -- receiving ---------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            try:
+                self._handle(frames)
+            except Exception:  # a bug handling one message must not take the server down
+                log.exception("error handling a client message")
+
+    def _handle(self, frames: list) -> None:
+        identity, body = frames[0].bytes, frames[1:]
+        if len(body) != 1:
+            self._post(identity, Error(code="malformed", error=f"expected a one-frame message, got {len(body)} frames"))
+            return
+        if len(body[0]) > self.max_message_bytes:
+            self._post(identity, Error(code="oversize", error=f"message of {len(body[0])} bytes exceeds {self.max_message_bytes}"))
+            return
+        session = self._sessions.get(identity)
+        try:
+            message = self._decoder.decode(body)
+        except WireError as exc:
+            self._reject_malformed(identity, session, body[0], exc)
+            return
+        if isinstance(message, Hello):
+            self._hello(identity, session, message)
+            return
+        if session is None:
+            self._post(identity, Error(code="no_session", error="no session: send Hello first (or this server restarted)"))
+            return
+        session.last_seen = time.monotonic()
+        if isinstance(message, Generate):
+            self._generate(session, message)
+        elif isinstance(message, Abort):
+            task = session.requests.pop(message.request_id, None)
+            if task is not None:  # the client already ended its stream; no reply needed
+                task.cancel()
+        elif isinstance(message, Ping):
+            self._post(identity, Pong(message.seq, serving=self.serving))
+        elif isinstance(message, StateQuery):
+            asyncio.create_task(self._state(session, message.seq))
+        elif isinstance(message, Goodbye):
+            self._drop_session(identity, "client closed")
+
+    def _reject_malformed(self, identity: bytes, session: Session | None, frame, exc: WireError) -> None:
+        """Route the error to the request it names when possible, so that request fails alone."""
+        try:
+            ref = self._ref_decoder.decode(frame.buffer)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            ref = None
+        if session is not None and ref is not None and ref.request_id not in session.requests:
+            self._post(identity, Rejected(request_id=ref.request_id, kind="invalid", error=f"malformed request: {exc}"))
+        else:
+            self._post(identity, Error(code="malformed", error=str(exc)))
+
+    def _hello(self, identity: bytes, session: Session | None, hello: Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            self._post(identity, Error(code="version", error=f"client speaks protocol {hello.protocol_version}; this server speaks {PROTOCOL_VERSION}"))
+            return
+        if self.auth_token is not None and not hmac.compare_digest(
+            (hello.auth_token or "").encode(), self.auth_token.encode()
+        ):
+            self._post(identity, Error(code="auth", error="authentication failed: missing or wrong auth token"))
+            return
+        if session is None:
+            session = Session(identity, f"c{next(self._sids)}", time.monotonic())
+            self._sessions[identity] = session
+        session.last_seen = time.monotonic()
+        welcome = Welcome(protocol_version=PROTOCOL_VERSION, model=self.model, client_timeout_s=self.client_timeout_s, max_message_bytes=self.max_message_bytes)
+        self._post(identity, welcome)
+
+    @property
+    def serving(self) -> bool:
+        return not self._draining and not self.engine.is_dead
+
+    # -- requests ----------------------------------------------------------------------------
+    def _generate(self, session: Session, message: Generate) -> None:
+        request_id = message.request_id
+        if self._draining:
+            self._post(session.identity, Rejected(request_id=request_id, kind="shutting_down", error="server is shutting down; not taking new requests"))
+        elif request_id in session.requests:
+            self._post(session.identity, Rejected(request_id=request_id, kind="duplicate", error=f"request_id {request_id!r} is already in flight"))
+        else:
+            session.requests[request_id] = asyncio.create_task(self._run_request(session, message))
+
+    async def _run_request(self, session: Session, message: Generate) -> None:
+        """Stream one request's outputs to its client. Images always come back as float arrays
+        (one zero-copy frame); the client turns them into what the request asked for."""
+        request_id, identity = message.request_id, session.identity
+        prompt = {"prompt": message.prompt, "negative_prompt": message.negative_prompt, "class_label": message.class_label}
+        params = msgspec.structs.replace(message.params, output_type="np")
+        try:
+            async for output in self.engine.generate(prompt, params, request_id=f"{session.sid}:{request_id}"):
+                if output.finished or message.stream:
+                    self._post(identity, to_wire(output, request_id))
+        except ValueError as exc:
+            self._post(identity, Rejected(request_id=request_id, kind="invalid", error=str(exc)))
+        except EngineDeadError as exc:
+            self._post(identity, Rejected(request_id=request_id, kind="dead", error=str(exc)))
+        except RuntimeError as exc:  # the engine is shut down
+            self._post(identity, Rejected(request_id=request_id, kind="shutting_down", error=str(exc)))
+        except Exception as exc:  # a bug here must still end the client's request, not hang it
+            log.exception("request %s of session %s failed", request_id, session.sid)
+            error = f"internal server error: {type(exc).__name__}: {exc}"
+            self._post(identity, Output(request_id=request_id, step=0, num_steps=0, finished=True, error=error))
+        finally:
+            if session.requests.get(request_id) is asyncio.current_task():
+                del session.requests[request_id]
+
+    async def _state(self, session: Session, seq: int) -> None:
+        try:
+            worker_ids = await self.engine.worker_state_ids()
+        except Exception as exc:
+            self._post(session.identity, Error(code="state", error=f"{type(exc).__name__}: {exc}", seq=seq))
+            return
+        server_ids = sorted(f"{s.sid}:{rid}" for s in self._sessions.values() for rid in s.requests)
+        reply = StateReply(seq=seq, worker_request_ids=worker_ids, server_request_ids=server_ids, sessions=len(self._sessions))
+        self._post(session.identity, reply)
+
+    # -- sessions ----------------------------------------------------------------------------
+    def _drop_session(self, identity: bytes, reason: str) -> None:
+        session = self._sessions.pop(identity, None)
+        if session is None:
+            return
+        if session.requests:
+            log.info("session %s: %s; aborting %d request(s)", session.sid, reason, len(session.requests))
+        for task in session.requests.values():
+            task.cancel()
+        session.requests.clear()
+
+    async def _watch_disconnects(self, monitor: zmq.asyncio.Socket) -> None:
+        """On every dropped connection, probe each session: the send to the peer that left
+        fails (ROUTER_MANDATORY) and that session's requests are aborted at once."""
+        while True:
+            await monitor.recv_multipart()
+            for _ in range(2):  # once now, once after the pipe's teardown surely finished
+                for session in list(self._sessions.values()):
+                    # Pong(0) is what every heartbeat gets anyway: live clients ignore it
+                    self._post(session.identity, Pong(0, serving=self.serving))
+                await asyncio.sleep(0.05)
+
+    async def _reap_silent_sessions(self) -> None:
+        """Clients ping every second or so; one silent for client_timeout_s is gone (hung,
+        partitioned, or died without the transport noticing)."""
+        period = min(1.0, self.client_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - self.client_timeout_s
+            for session in [s for s in self._sessions.values() if s.last_seen < deadline]:
+                self._drop_session(session.identity, f"no heartbeat for {self.client_timeout_s:g} s")
+
+    def _post(self, identity: bytes, message: msgspec.Struct) -> None:
+        """Queue one message for one client (never blocks: no send high-water mark). A peer
+        that is gone makes the send fail; its session, if any, ends."""
+        frames = self._encoder.encode(message)
+        try:
+            future = self._socket.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            self._send_failed(identity, exc)
+            return
+        future.add_done_callback(functools.partial(self._sent, identity))
+
+    def _sent(self, identity: bytes, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._send_failed(identity, future.exception())
+
+    def _send_failed(self, identity: bytes, exc: BaseException) -> None:
+        if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+            self._drop_session(identity, "client disconnected")
+        else:
+            log.warning("could not send to a client: %s", exc)
+
+
+# -- command line ----------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    from engine.config import ParallelConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    address = args.address or default_address()
+    check_bind_address(address, args.auth_token)  # before loading anything
+    if address.startswith("ipc://"):
+        claim_ipc_path(address)
+    log.info("starting engine for %s; will serve on %s", args.model, address)
+    parallel = ParallelConfig(cfg_parallel_size=args.cfg_parallel_size, pipeline_parallel_size=args.pp_size)
+    engine = AsyncEngine(
+        args.model,
+        max_num_seqs=args.max_num_seqs,
+        parallel_config=parallel,
+        executor=args.executor,
+        device=args.device,
+        max_waiting=args.max_waiting,
+    )
+    try:
+        server = EngineServer(
+            engine,
+            address,
+            auth_token=args.auth_token,
+            client_timeout_s=args.client_timeout,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except BaseException:
+        engine.shutdown()
+        raise
+    asyncio.run(server.serve())
+    return server.exit_code
+
+
+def add_serve_parser(commands) -> None:
+    from engine.cli import _add_engine_args
+
+    serve = commands.add_parser("serve", help="serve the engine to EngineClients over ZeroMQ")
+    _add_engine_args(serve)
+    serve.add_argument("--address", default=None, help=f"ipc://PATH or tcp://HOST:PORT (default {default_address()})")
+    serve.add_argument("--max-waiting", type=int, default=None, help="bound on queued requests; more are rejected as overloaded")
+    serve.add_argument(
+        "--auth-token",
+        default=os.environ.get("STEPWEAVE_AUTH_TOKEN"),
+        help="token clients must present (required for non-loopback tcp; default $STEPWEAVE_AUTH_TOKEN)",
+    )
+    serve.add_argument("--client-timeout", type=float, default=15.0, help="seconds without a heartbeat before a client's requests are aborted")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests before aborting them")
+    serve.set_defaults(func=_serve)

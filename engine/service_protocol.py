@@ -1,0 +1,174 @@
+"""Messages between `EngineClient`s and the engine server (DEALER <-> ROUTER).
+
+Every message is one msgpack-encoded Struct of a tagged union, decoded with its type on both
+sides (never pickle). A client must open with `Hello` (protocol version, optional auth token)
+before anything else is served. Final images ride as extra zero-copy frames (engine/wire.py);
+nothing a client sends carries arrays, so the server accepts exactly one small frame per message.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Annotated, Any
+
+import msgspec
+
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+
+# Bump on any change to these Structs that an older peer could misread.
+PROTOCOL_VERSION = 1
+# Upper bound of one client message (prompts are capped at 20k characters; see model_info).
+MAX_CLIENT_MESSAGE_BYTES = 1 << 20
+
+
+def default_address() -> str:
+    """Where server and clients meet unless told otherwise: an ipc socket in a per-user
+    directory (the server creates it owner-only), so nothing is reachable from the network."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return f"ipc://{base}/stepweave-{os.getuid()}/engine.sock"
+
+
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+# -- client -> server --------------------------------------------------------------------------
+class Hello(msgspec.Struct, tag="hello", kw_only=True, omit_defaults=True):
+    """Opens a session: the server answers `Welcome`, or `Error` (version, auth)."""
+
+    protocol_version: int
+    auth_token: ShortText | None = None
+
+
+class Generate(msgspec.Struct, tag="generate", kw_only=True, omit_defaults=True):
+    """Submit one request; `stream` asks for progress outputs, not just the final one."""
+
+    request_id: RequestId
+    params: SamplingParams
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    class_label: int | None = None
+    stream: bool = True
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_id: RequestId
+
+
+class Ping(msgspec.Struct, tag="ping"):
+    """Client heartbeat; also how `health()` asks whether the server still takes requests."""
+
+    seq: int
+
+
+class StateQuery(msgspec.Struct, tag="state_query"):
+    """Debug: which requests the server and the workers still hold state for."""
+
+    seq: int
+
+
+class Goodbye(msgspec.Struct, tag="goodbye"):
+    """The client is closing: abort whatever it still has running."""
+
+
+ClientMessage = Hello | Generate | Abort | Ping | StateQuery | Goodbye
+
+
+class RequestRef(msgspec.Struct):
+    """Just the request id of a message that failed typed decoding, to route the error back."""
+
+    request_id: RequestId
+
+
+# -- server -> client --------------------------------------------------------------------------
+class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
+    protocol_version: int
+    model: str
+    # The server drops a session that stays silent this long; clients ping well within it.
+    client_timeout_s: float
+    max_message_bytes: int
+
+
+class WireMetrics(msgspec.Struct, array_like=True):
+    arrival_time: float
+    queue_time_s: float | None
+    latency_s: float | None
+    num_steps: int
+
+
+class Output(msgspec.Struct, tag="output", kw_only=True, omit_defaults=True):
+    """One RequestOutput; `images` (final only) is a float32 array sent as its own frame."""
+
+    request_id: str
+    step: int
+    num_steps: int
+    finished: bool = False
+    error: str | None = None
+    seed: int | None = None
+    metrics: WireMetrics | None = None
+    images: Any = None
+
+
+class Rejected(msgspec.Struct, tag="rejected", kw_only=True):
+    """A request that never entered the engine. kind: "invalid" (bad prompt or parameters),
+    "duplicate" (request id already in flight), "shutting_down" or "dead"."""
+
+    request_id: str
+    kind: str
+    error: str
+
+
+class Pong(msgspec.Struct, tag="pong"):
+    seq: int
+    serving: bool
+
+
+class StateReply(msgspec.Struct, tag="state", kw_only=True):
+    seq: int
+    worker_request_ids: list[str]
+    server_request_ids: list[str]  # requests the server still tracks, all sessions
+    sessions: int
+
+
+class Error(msgspec.Struct, tag="error", kw_only=True, omit_defaults=True):
+    """A message the server would not serve. code: "version", "auth", "no_session",
+    "malformed", "oversize", or "state" (a StateQuery failed; `seq` names it)."""
+
+    code: str
+    error: str
+    seq: int | None = None
+
+
+ServerMessage = Welcome | Output | Rejected | Pong | StateReply | Error
+
+
+def to_wire(output: RequestOutput, request_id: str) -> Output:
+    """A RequestOutput as it travels, under the client's own request id."""
+    metrics = output.metrics
+    return Output(
+        request_id=request_id,
+        step=output.step,
+        num_steps=output.num_steps,
+        finished=output.finished,
+        error=output.error,
+        seed=output.seed,
+        metrics=None if metrics is None else WireMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
+        images=output.images,
+    )
+
+
+def from_wire(message: Output, images: Any) -> RequestOutput:
+    metrics = message.metrics
+    return RequestOutput(
+        message.request_id,
+        message.step,
+        message.num_steps,
+        finished=message.finished,
+        images=images,
+        error=message.error,
+        seed=message.seed,
+        metrics=None if metrics is None else RequestMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
+    )
+
