@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -45,3 +46,18 @@ def test_parallel_benchmarks(tmp_path, _preset_cache, name):
                           "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
     assert len(report["systems"]) == 2 and all(s["throughput_rps"] > 0 for s in report["systems"].values())
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_client_overhead_benchmark(tmp_path, qwen_dir):
+    from benchmarks import client_overhead
+
+    out, png = tmp_path / "co.json", tmp_path / "co.png"
+    report = client_overhead.main(["--model", str(qwen_dir), "--requests", "3", "--burst", "4", "--rounds", "1",
+                                   "--json", str(out), "--plot", str(png)])
+    assert json.loads(out.read_text())["results"] == report["results"]
+    results = report["results"]
+    for path in ("embedded", "async_client", "sync_client"):
+        assert results[f"{path}_p50_ms"] > 0
+    for key in ("async_client_overhead_ms", "sync_client_overhead_ms", "client_burst_overhead_ms"):
+        assert math.isfinite(results[key])
+    assert png.stat().st_size > 0

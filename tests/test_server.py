@@ -7,7 +7,6 @@ directories. Images are compared with what `Omni` returns for the same request.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -563,16 +562,3 @@ async def test_a_crashed_worker_fails_its_requests_and_stops_the_server(qwen_dir
         assert code == 1 and "the engine died" in proc.log(), proc.log()
     finally:
         proc.stop()
-
-
-# -- benchmark smoke -----------------------------------------------------------------------------------
-def test_client_overhead_benchmark_smoke(tmp_path, qwen_dir):
-    from benchmarks import client_overhead
-
-    out = tmp_path / "co.json"
-    report = client_overhead.main(["--model", str(qwen_dir), "--requests", "3", "--burst", "4", "--rounds", "1", "--json", str(out)])
-    saved = json.loads(out.read_text())
-    assert saved["results"] == report["results"]
-    for key in ("embedded_p50_ms", "async_client_p50_ms", "sync_client_p50_ms", "async_client_overhead_ms", "embedded_burst_per_request_ms", "client_burst_per_request_ms"):
-        assert report["results"][key] > -1e9
-    assert report["results"]["embedded_p50_ms"] > 0 and report["results"]["async_client_p50_ms"] > 0
