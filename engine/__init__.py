@@ -1,7 +1,7 @@
 """stepweave's engine: request lifecycle, step scheduling and the front doors."""
 
 from engine.async_engine import AsyncEngine
-from engine.client import AsyncEngineClient, EngineClient
+from engine.client import AsyncEngineClient, EngineClient, ServerUnavailableError
 from engine.config import ParallelConfig
 from engine.omni import Omni
 from engine.outputs import RequestMetrics, RequestOutput
@@ -20,4 +20,5 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "ServerUnavailableError",
 ]

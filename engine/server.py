@@ -19,13 +19,10 @@ import argparse
 import asyncio
 import functools
 import hmac
-import ipaddress
 import itertools
 import logging
 import os
 import signal
-import socket
-import stat
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ import zmq
 import zmq.asyncio
 
 from engine.async_engine import AsyncEngine
+from engine.service_address import check_bind_address, claim_ipc_path, default_address
 from engine.service_protocol import (
     MAX_CLIENT_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -52,72 +50,12 @@ from engine.service_protocol import (
     StateQuery,
     StateReply,
     Welcome,
-    default_address,
     to_wire,
 )
 from engine.wire import Decoder, Encoder, WireError
 from runner.executor import EngineDeadError
 
 log = logging.getLogger("stepweave.server")
-
-MIN_REMOTE_TOKEN_CHARS = 16
-
-
-def check_bind_address(address: str, auth_token: str | None) -> None:
-    """Only local addresses may be served without a token: ipc, or tcp on a loopback host.
-    Anything reachable from other machines (a routable IP, a host name, `*`) needs one."""
-    scheme, sep, rest = address.partition("://")
-    if not sep or not rest:
-        raise ValueError(f"address must be ipc://PATH or tcp://HOST:PORT, got {address!r}")
-    if scheme == "ipc":
-        return
-    if scheme != "tcp":
-        raise ValueError(f"address must use ipc:// or tcp://, got {address!r}")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
-        raise ValueError(f"tcp address must be tcp://HOST:PORT (PORT may be *), got {address!r}")
-    if _is_loopback(host.strip("[]")):
-        return
-    if not auth_token or len(auth_token) < MIN_REMOTE_TOKEN_CHARS:
-        raise ValueError(
-            f"binding {address} exposes the engine beyond this machine; pass --auth-token with at least "
-            f"{MIN_REMOTE_TOKEN_CHARS} characters (clients present it), or bind ipc:// or tcp://127.0.0.1"
-        )
-
-
-def claim_ipc_path(address: str) -> None:
-    """Make an ipc address ready to bind. zmq's ipc bind silently replaces an existing socket
-    file, which would cut a running server off from its clients: refuse when one answers there,
-    clear a stale socket file. The default directory must be private to this user."""
-    path = Path(address[len("ipc://"):])
-    if address == default_address():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.parent.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise ValueError(f"{path.parent} must belong to this user with mode 0700 (it holds the server's socket)")
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ValueError(f"cannot serve on {address}: {path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:  # nobody listening: a stale file from a server that died
-            path.unlink(missing_ok=True)
-            return
-    raise ValueError(f"cannot serve on {address}: another server is running there")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host or interface name: may resolve to anything
-        return False
-
 
 class Session:
     """One connected client: its routing identity, namespace and running requests."""

@@ -8,8 +8,6 @@ nothing a client sends carries arrays, so the server accepts exactly one small f
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Annotated, Any
 
 import msgspec
@@ -21,13 +19,6 @@ from engine.sampling_params import SamplingParams
 PROTOCOL_VERSION = 1
 # Upper bound of one client message (prompts are capped at 20k characters; see model_info).
 MAX_CLIENT_MESSAGE_BYTES = 1 << 20
-
-
-def default_address() -> str:
-    """Where server and clients meet unless told otherwise: an ipc socket in a per-user
-    directory (the server creates it owner-only), so nothing is reachable from the network."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return f"ipc://{base}/stepweave-{os.getuid()}/engine.sock"
 
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]

@@ -1,19 +1,17 @@
-"""The engine as a service: real `stepweave serve` processes, many clients, hostile input, death.
+"""The engine as a service: a real `stepweave serve` process shared by many clients, hostile
+input, aborts and vanished clients.
 
-Servers run the in-process executor (one process each) on ipc sockets in short private
-directories. Images are compared with what `Omni` returns for the same request.
+The server runs the in-process executor (one process) on an ipc socket in a short private
+directory. Images are compared with what `Omni` returns for the same request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,13 +19,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import AsyncEngineClient, EngineClient, Omni, SamplingParams
-from engine.client import ServerUnavailableError
-from engine.server import check_bind_address, claim_ipc_path
+from engine import AsyncEngineClient, EngineClient, Omni, SamplingParams, ServerUnavailableError
+from engine.service_address import claim_ipc_path
 from engine.service_protocol import (
     MAX_CLIENT_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -39,94 +35,11 @@ from engine.service_protocol import (
     Ping,
     Pong,
     Rejected,
-    ServerMessage,
     Welcome,
 )
-from engine.wire import Decoder, Encoder
+from tests.service_peers import LONG, TOKEN, RawPeer, ServerProcess, no_request_state, wait_state
 
 pytestmark = pytest.mark.slow
-
-TOKEN = "test-token-0123456789"
-ROOT = Path(__file__).resolve().parent.parent
-# ~14 s of steps on the tiny model (512x512 makes each step cost): always aborted before its end
-LONG = SamplingParams(num_inference_steps=1000, seed=1, height=512, width=512)
-
-
-class ServerProcess:
-    """`python -m engine.cli serve` on an ipc socket; its log goes to a file we can read."""
-
-    def __init__(self, model, *args: str, executor: str = "inproc"):
-        self.dir = tempfile.mkdtemp(prefix="sw-", dir="/tmp")  # ipc paths must stay short
-        self.address = f"ipc://{self.dir}/engine.sock"
-        self.log_path = Path(self.dir) / "server.log"
-        self._log_file = open(self.log_path, "wb")
-        command = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model), "--executor", executor,
-                   "--address", self.address, *args]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while "server ready" not in self.log():
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log()}"
-            assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{self.log()}"
-            time.sleep(0.05)
-        return self
-
-    def children(self) -> set[int]:
-        tasks = Path(f"/proc/{self.proc.pid}/task")
-        return {int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()}
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log_file.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class RawPeer:
-    """A hand-driven DEALER: sends whatever frames a test wants and reads raw replies."""
-
-    def __init__(self, address: str):
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-        self.encoder, self.decoder = Encoder(), Decoder(ServerMessage, max_frames=2)
-
-    def send(self, message) -> None:
-        self.sock.send_multipart(self.encoder.encode(message))
-
-    def send_raw(self, frames: list[bytes]) -> None:
-        self.sock.send_multipart(frames)
-
-    def recv(self, timeout: float = 10.0):
-        assert self.sock.poll(int(timeout * 1000)), "no reply from the server"
-        return self.decoder.decode(self.sock.recv_multipart())
-
-    def recv_until(self, kind, timeout: float = 10.0):
-        """The next reply of type `kind`, skipping others (outputs of earlier requests, pongs)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self.recv(max(0.01, deadline - time.monotonic()))
-            if isinstance(message, kind):
-                return message
-
-    def drain(self) -> None:
-        while self.sock.poll(200):
-            self.sock.recv_multipart()
-
-    def hello(self, token: str | None = TOKEN) -> Welcome | Error:
-        self.send(Hello(protocol_version=PROTOCOL_VERSION, auth_token=token))
-        return self.recv_until((Welcome, Error))
-
-    def close(self) -> None:
-        self.sock.close()
-        self.context.term()
 
 
 @pytest.fixture(scope="module")
@@ -161,19 +74,6 @@ def references(qwen_dir):
         outputs = omni.generate([p for p, _ in cases], [sp for _, sp in cases], use_tqdm=False)
     assert all(o.error is None for o in outputs)
     return cases, [o.images for o in outputs]
-
-
-async def _wait_state(client: AsyncEngineClient, predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        state = await client.debug_state()
-        if predicate(state) or time.monotonic() > deadline:
-            return state
-        await asyncio.sleep(0.1)
-
-
-def _empty(state) -> bool:
-    return not state.worker_request_ids and not state.server_request_ids
 
 
 # -- correctness under concurrency ---------------------------------------------------------------
@@ -263,7 +163,7 @@ async def test_async_client_shapes_match_async_engine(server):
         with pytest.raises(ValueError, match="already in flight"):
             await client.generate("two", request_id="dup").__anext__()
         await first.aclose()
-        assert _empty(await _wait_state(client, _empty))
+        assert no_request_state(await wait_state(client, no_request_state))
 
 
 # -- aborts, disconnects and vanished clients -------------------------------------------------------
@@ -299,13 +199,13 @@ async def test_aborts_and_vanished_clients_free_server_and_worker_state(server):
         dying = subprocess.Popen([sys.executable, "-c", DYING_CLIENT, server.address, TOKEN], stdout=subprocess.PIPE)
         line = await asyncio.get_running_loop().run_in_executor(None, dying.stdout.readline)
         assert line.strip() == b"sent"
-        state = await _wait_state(client, lambda s: len(s.worker_request_ids) == 1)
+        state = await wait_state(client, lambda s: len(s.worker_request_ids) == 1)
         assert len(state.server_request_ids) == 1 and state.server_request_ids[0].endswith(":doomed"), state
         t0 = time.monotonic()
         dying.kill()
         dying.wait()
-        state = await _wait_state(client, _empty)
-        assert _empty(state), state
+        state = await wait_state(client, no_request_state)
+        assert no_request_state(state), state
         assert time.monotonic() - t0 < 2.0  # the disconnect, not the 3 s heartbeat timeout, freed it
 
         # a client that stays connected but silent (hung) is dropped after --client-timeout
@@ -316,8 +216,8 @@ async def test_aborts_and_vanished_clients_free_server_and_worker_state(server):
             silent.recv_until(Output)
             t0 = time.monotonic()
             assert len((await client.debug_state()).worker_request_ids) == 1
-            state = await _wait_state(client, _empty, timeout=10)
-            assert _empty(state) and time.monotonic() - t0 > 1.5, state
+            state = await wait_state(client, no_request_state, timeout=10)
+            assert no_request_state(state) and time.monotonic() - t0 > 1.5, state
             silent.send(Ping(1))
             assert silent.recv_until(Error).code == "no_session"
         finally:
@@ -422,7 +322,8 @@ def test_clients_without_the_token_are_refused(server):
             client.generate("x", SamplingParams(num_inference_steps=2), use_tqdm=False)
 
 
-# -- policy, backpressure, shutdown, death -------------------------------------------------------------
+
+
 def test_ipc_address_is_never_taken_from_a_running_server(server, capsys):
     from engine.cli import main
 
@@ -438,127 +339,3 @@ def test_ipc_address_is_never_taken_from_a_running_server(server, capsys):
     stale.write_text("not a socket")
     with pytest.raises(ValueError, match="not a socket"):
         claim_ipc_path(f"ipc://{stale}")
-
-
-def test_address_policy_requires_a_token_beyond_loopback(capsys):
-    for local in ("ipc:///tmp/x.sock", "tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555", "tcp://127.0.0.1:*"):
-        check_bind_address(local, None)
-    for remote in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555", "tcp://example.org:5555", "tcp://eth0:5555"):
-        with pytest.raises(ValueError, match="--auth-token"):
-            check_bind_address(remote, None)
-        with pytest.raises(ValueError, match="at least 16 characters"):
-            check_bind_address(remote, "short")
-        check_bind_address(remote, TOKEN)
-    for bad in ("udp://127.0.0.1:5", "127.0.0.1:5555", "tcp://127.0.0.1", "tcp://127.0.0.1:99999"):
-        with pytest.raises(ValueError):
-            check_bind_address(bad, TOKEN)
-    from engine.cli import main
-
-    assert main(["serve", "--address", "tcp://0.0.0.0:5555", "--auth-token", ""]) == 2  # refused before loading
-    assert "exposes the engine beyond this machine" in capsys.readouterr().err
-
-
-async def test_overload_is_rejected_at_once_and_sigterm_drains(qwen_dir):
-    # a worker process here, so the clean exit is seen to take the workers down with it
-    proc = ServerProcess(qwen_dir, "--max-num-seqs", "1", "--max-waiting", "1", "--drain-timeout", "3", executor="mp")
-    proc.wait_ready()
-    workers = proc.children()
-    assert len(workers) == 1
-    try:
-        async with AsyncEngineClient(proc.address) as client:
-            running = client.generate("running", LONG)
-            await running.__anext__()
-            waiting = client.generate("waiting", LONG)
-            waiting_task = asyncio.ensure_future(waiting.__anext__())
-            await asyncio.sleep(0.3)
-            t0 = time.monotonic()
-            overflow = [o async for o in client.generate("one too many", LONG)]
-            assert time.monotonic() - t0 < 1.0
-            assert overflow[-1].finished and "overloaded" in overflow[-1].error
-            await running.aclose()
-            await waiting_task
-            await waiting.aclose()
-
-            # SIGTERM: the running request finishes, the queued one is aborted after the drain
-            # timeout, new requests are refused, and the server exits cleanly
-            short = SamplingParams(num_inference_steps=400, seed=3, height=256, width=256, output_type="np")  # ~1.2 s
-            finishing = client.generate("finishing", short)
-            await finishing.__anext__()
-            stuck = asyncio.ensure_future(_collect(client.generate("stuck", LONG)))
-            await asyncio.sleep(0.1)
-            proc.proc.send_signal(signal.SIGTERM)
-            while await client.health():
-                await asyncio.sleep(0.05)
-            with pytest.raises(ServerUnavailableError, match="shutting down"):
-                await client.generate("late", short).__anext__()
-            outputs = [o async for o in finishing]
-            assert outputs[-1].error is None and outputs[-1].images.shape == (1, 256, 256, 3)
-            stuck_outputs = await asyncio.wait_for(stuck, 10)
-            assert "server shut down before the request finished" in stuck_outputs[-1].error
-        code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 30)
-        assert code == 0, proc.log()
-        assert "engine shut down" in proc.log() and not Path(proc.address[len("ipc://"):]).exists()
-        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    finally:
-        proc.stop()
-
-
-async def _collect(stream):
-    return [o async for o in stream]
-
-
-async def test_stopped_or_killed_server_fails_requests_fast(qwen_dir):
-    proc = ServerProcess(qwen_dir).wait_ready()
-    try:
-        # hung (SIGSTOP): the heartbeat timeout ends the request with a clear error
-        async with AsyncEngineClient(proc.address, timeout_s=1.5) as client:
-            stream = client.generate("frozen", LONG)
-            await stream.__anext__()
-            proc.proc.send_signal(signal.SIGSTOP)
-            t0 = time.monotonic()
-            outputs = await asyncio.wait_for(_collect(stream), 10)
-            assert time.monotonic() - t0 < 4
-            assert outputs[-1].finished and "stopped answering" in outputs[-1].error
-        proc.proc.send_signal(signal.SIGCONT)
-
-        # killed: the lost connection fails every open request at once, sync and async alike
-        sync_client = EngineClient(proc.address, timeout_s=2)
-        async with AsyncEngineClient(proc.address, timeout_s=2) as client:
-            stream = client.generate("doomed", LONG)
-            await stream.__anext__()
-            loop = asyncio.get_running_loop()
-            blocked = loop.run_in_executor(None, lambda: sync_client.generate(["doomed too"] * 3, LONG, use_tqdm=False))
-            await asyncio.sleep(0.5)
-            proc.proc.kill()
-            t0 = time.monotonic()
-            outputs = await asyncio.wait_for(_collect(stream), 10)
-            assert "lost the connection" in outputs[-1].error
-            with pytest.raises(ServerUnavailableError, match="lost the connection"):
-                await asyncio.wait_for(blocked, 10)
-            assert time.monotonic() - t0 < 1.5
-            # later calls fail within the handshake timeout, and health says so
-            t0 = time.monotonic()
-            with pytest.raises(ServerUnavailableError, match="no stepweave server answered"):
-                await client.generate("after", LONG).__anext__()
-            assert await client.health() is False
-            assert time.monotonic() - t0 < 6
-        sync_client.close()
-    finally:
-        proc.stop()
-
-
-async def test_a_crashed_worker_fails_its_requests_and_stops_the_server(qwen_dir):
-    proc = ServerProcess(qwen_dir, executor="mp").wait_ready()
-    try:
-        (worker,) = proc.children()
-        async with AsyncEngineClient(proc.address) as client:
-            stream = client.generate("crash", LONG)
-            await stream.__anext__()
-            os.kill(worker, signal.SIGKILL)
-            outputs = await asyncio.wait_for(_collect(stream), 15)
-            assert outputs[-1].finished and "died" in outputs[-1].error, outputs[-1].error
-        # nothing left to serve with: the server exits non-zero so a supervisor restarts it
-        code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 30)
-        assert code == 1 and "the engine died" in proc.log(), proc.log()
-    finally:
-        proc.stop()

@@ -1,0 +1,81 @@
+"""Where the engine server may listen, and who may reach it.
+
+Local by default: an ipc socket in a per-user directory created owner-only, or tcp on a loopback
+host. An address reachable from other machines needs an auth token, since the engine would
+otherwise run anyone's requests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+
+def default_address() -> str:
+    """Where server and clients meet unless told otherwise: an ipc socket in a per-user
+    directory (the server creates it owner-only), so nothing is reachable from the network."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return f"ipc://{base}/stepweave-{os.getuid()}/engine.sock"
+
+
+MIN_REMOTE_TOKEN_CHARS = 16
+
+
+def check_bind_address(address: str, auth_token: str | None) -> None:
+    """Only local addresses may be served without a token: ipc, or tcp on a loopback host.
+    Anything reachable from other machines (a routable IP, a host name, `*`) needs one."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or not rest:
+        raise ValueError(f"address must be ipc://PATH or tcp://HOST:PORT, got {address!r}")
+    if scheme == "ipc":
+        return
+    if scheme != "tcp":
+        raise ValueError(f"address must use ipc:// or tcp://, got {address!r}")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"tcp address must be tcp://HOST:PORT (PORT may be *), got {address!r}")
+    if _is_loopback(host.strip("[]")):
+        return
+    if not auth_token or len(auth_token) < MIN_REMOTE_TOKEN_CHARS:
+        raise ValueError(
+            f"binding {address} exposes the engine beyond this machine; pass --auth-token with at least "
+            f"{MIN_REMOTE_TOKEN_CHARS} characters (clients present it), or bind ipc:// or tcp://127.0.0.1"
+        )
+
+
+def claim_ipc_path(address: str) -> None:
+    """Make an ipc address ready to bind. zmq's ipc bind silently replaces an existing socket
+    file, which would cut a running server off from its clients: refuse when one answers there,
+    clear a stale socket file. The default directory must be private to this user."""
+    path = Path(address[len("ipc://"):])
+    if address == default_address():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.parent.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ValueError(f"{path.parent} must belong to this user with mode 0700 (it holds the server's socket)")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ValueError(f"cannot serve on {address}: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:  # nobody listening: a stale file from a server that died
+            path.unlink(missing_ok=True)
+            return
+    raise ValueError(f"cannot serve on {address}: another server is running there")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host or interface name: may resolve to anything
+        return False
