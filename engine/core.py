@@ -13,9 +13,11 @@ import random
 import time
 from dataclasses import dataclass
 
+import msgspec
+
 from engine.config import ParallelConfig
 from engine.outputs import RequestOutput
-from engine.protocol import StepBatch
+from engine.protocol import NewRequest, StepBatch
 from engine.request import Request
 from engine.sampling_params import MAX_SEED, SamplingParams
 from engine.scheduler import StepScheduler
@@ -104,7 +106,9 @@ class EngineCore:
         self.model_info.validate(params, fields["prompt"], fields["negative_prompt"], fields["class_label"])
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Request(request_id=request_id, params=params, seed=seed, **fields)
+        request = Request(request_id=request_id, params=params, seed=seed, **fields)
+        _check_sendable(request)
+        return request
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -146,6 +150,16 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _check_sendable(request: Request) -> None:
+    """Workers decode every request with its type. One that would not survive that trip (a lone
+    surrogate in a string, an object in scheduler_config) fails here, alone, instead of breaking
+    the step batch that carries it and with it the engine."""
+    try:
+        msgspec.msgpack.decode(msgspec.msgpack.encode(request.to_new_request()), type=NewRequest)
+    except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:
+        raise ValueError(f"request cannot be sent to the workers: {exc}") from None
 
 
 def normalize_prompt(prompt: str | dict | None) -> dict:

@@ -48,6 +48,8 @@ def test_abort_running_and_waiting_leaves_no_state(omni):
         ("x" * 20_001, None, "at most 20000 characters"),
         ({"prompt": "x", "negative_prompt": 5}, None, "negative_prompt must be null or a string"),
         ("ok", SamplingParams(height=4096, width=4096), "image tokens; this model allows at most 8192"),
+        ("a lone surrogate \udcff", None, "request cannot be sent to the workers"),
+        ({"prompt": "ok", "negative_prompt": "\ud800"}, None, "request cannot be sent to the workers"),
     ],
 )
 def test_bad_requests_are_rejected_while_others_complete(omni, prompt, params, message):
