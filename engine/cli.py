@@ -50,6 +50,16 @@ def _export_preset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from engine.service_address import load_public_key, write_server_keys
+
+    public, secret = write_server_keys(args.directory)
+    print(f"wrote {secret} (the server's: stepweave serve --curve-secret-key {secret})")
+    print(f"wrote {public} (the clients': EngineClient(address, token, server_key=...))")
+    print(f"server public key: {load_public_key(public).decode()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepweave", description="Continuous-batching diffusion serving")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("name")
     export.add_argument("directory")
     export.set_defaults(func=_export_preset)
+
+    keygen = commands.add_parser("keygen", help="write a CURVE key pair for `stepweave serve --curve-secret-key`")
+    keygen.add_argument("directory")
+    keygen.set_defaults(func=_keygen)
 
     from engine.bench_cli import add_bench_parser
 

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import threading
 import uuid
+from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 import msgspec
@@ -23,7 +24,7 @@ from engine.core import normalize_prompt
 from engine.omni import pair_prompts, progress_bar
 from engine.outputs import RequestOutput, failed_output
 from engine.sampling_params import SamplingParams
-from engine.service_address import default_address
+from engine.service_address import default_address, load_public_key
 from engine.service_protocol import Abort, ClientMessage, Generate, Ping, StateQuery, StateReply
 
 __all__ = ["AsyncEngineClient", "EngineClient", "ServerUnavailableError"]
@@ -33,9 +34,19 @@ class AsyncEngineClient:
     """Like AsyncEngine, over the server: `generate` yields progress then the final output;
     breaking out of it or `abort` ends the request on the server too."""
 
-    def __init__(self, address: str | None = None, auth_token: str | None = None, *, timeout_s: float = 10.0):
+    def __init__(
+        self,
+        address: str | None = None,
+        auth_token: str | None = None,
+        *,
+        server_key: str | bytes | Path | None = None,
+        timeout_s: float = 10.0,
+    ):
+        """`server_key`: the server's CURVE public key (Z85 text or its certificate file) when it
+        runs with --curve-secret-key; the traffic is then encrypted and only that server answers."""
         self.address = address or default_address()
         self.auth_token = auth_token
+        self.server_key = None if server_key is None else load_public_key(server_key)
         self.timeout_s = timeout_s
         self._conn: ServerConnection | None = None
         self._wire_ids = itertools.count()
@@ -107,7 +118,7 @@ class AsyncEngineClient:
         if self._conn is not None and self._conn.loop is not asyncio.get_running_loop():
             self._conn.abandon()  # used from a new event loop (e.g. a second asyncio.run)
         if self._conn is None or self._conn.lost is not None:
-            self._conn = ServerConnection(self.address, self.auth_token, self.timeout_s)
+            self._conn = ServerConnection(self.address, self.auth_token, self.timeout_s, self.server_key)
         conn = self._conn
         await conn.ready()
         return conn
@@ -189,8 +200,15 @@ class AsyncEngineClient:
 class EngineClient:
     """Like Omni, over the server: `generate` returns final outputs in input order."""
 
-    def __init__(self, address: str | None = None, auth_token: str | None = None, *, timeout_s: float = 10.0):
-        self._client = AsyncEngineClient(address, auth_token, timeout_s=timeout_s)
+    def __init__(
+        self,
+        address: str | None = None,
+        auth_token: str | None = None,
+        *,
+        server_key: str | bytes | Path | None = None,
+        timeout_s: float = 10.0,
+    ):
+        self._client = AsyncEngineClient(address, auth_token, server_key=server_key, timeout_s=timeout_s)
         self.address = self._client.address
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()

@@ -42,6 +42,7 @@ from runner.executor import EngineDeadError
 log = logging.getLogger("stepweave.client")
 
 HEARTBEAT_S = 1.0
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
 
 class ServerUnavailableError(EngineDeadError):
@@ -66,13 +67,16 @@ class ClientStream(RequestStream):
 class ServerConnection:
     """One socket and one server session; once lost it stays lost."""
 
-    def __init__(self, address: str, auth_token: str | None, timeout_s: float):
+    def __init__(self, address: str, auth_token: str | None, timeout_s: float, server_key: bytes | None = None):
         self.address = address
         self.timeout_s = timeout_s
         self.context = zmq.asyncio.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if server_key is not None:  # CURVE: encrypt, and talk only to the server holding this key
+            self.socket.curve_serverkey = server_key
+            self.socket.curve_publickey, self.socket.curve_secretkey = zmq.curve_keypair()
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         try:
             self.socket.connect(address)
         except zmq.ZMQError as exc:
@@ -191,12 +195,15 @@ class ServerConnection:
             log.warning("server error (%s): %s", message.code, message.error)
 
     async def _watch(self) -> None:
-        """The transport's own word that the server went away (closed socket, dead process)."""
-        while True:
-            event = parse_monitor_message(await self.monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self.close(ServerUnavailableError(f"lost the connection to the stepweave server at {self.address}"))
-                return
+        """The transport's own word that the server went away (closed socket, dead process) or
+        that the two ends disagree on encryption (it would otherwise look like a silent server)."""
+        event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+        if event & HANDSHAKE_FAILED:
+            error = (f"security handshake with the server at {self.address} failed: it uses CURVE and this client "
+                     "has no server_key or a wrong one, or this client uses CURVE and the server does not")
+        else:
+            error = f"lost the connection to the stepweave server at {self.address}"
+        self.close(ServerUnavailableError(error))
 
     async def _heartbeat(self, period: float) -> None:
         """Tell the server we are alive; notice a server that stopped answering (hung, stopped,

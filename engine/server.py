@@ -32,7 +32,7 @@ import zmq
 import zmq.asyncio
 
 from engine.async_engine import AsyncEngine
-from engine.service_address import check_bind_address, claim_ipc_path, default_address
+from engine.service_address import check_bind_address, claim_ipc_path, default_address, load_server_keys
 from engine.service_protocol import (
     MAX_CLIENT_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -74,12 +74,17 @@ class EngineServer:
         address: str | None = None,
         *,
         auth_token: str | None = None,
+        curve_secret_key: str | Path | None = None,
         client_timeout_s: float = 15.0,
         drain_timeout_s: float = 30.0,
         max_message_bytes: int = MAX_CLIENT_MESSAGE_BYTES,
     ):
         self.address = address or default_address()
-        check_bind_address(self.address, auth_token)
+        local = check_bind_address(self.address, auth_token)
+        self.curve_keys = None if curve_secret_key is None else load_server_keys(curve_secret_key)
+        if not local and self.curve_keys is None:
+            log.warning("%s is reachable from other machines and unencrypted: the auth token and every image travel "
+                        "in the clear (pass --curve-secret-key, see `stepweave keygen`)", self.address)
         self.engine = engine
         self.model = str(engine.core.model_info.path)
         self.auth_token = auth_token
@@ -118,6 +123,8 @@ class EngineServer:
         self._socket = context.socket(zmq.ROUTER)
         try:
             self._bind(self._socket)
+            if self.curve_keys is not None:
+                log.info("CURVE encryption on; clients pin the server key %s", self.curve_keys[0].decode())
             log.info("stepweave server ready: serving %s on %s (protocol %d)", self.model, self.bound_address, PROTOCOL_VERSION)
             monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             tasks = [
@@ -147,6 +154,9 @@ class EngineServer:
         # large ones reach _handle and get a clear "oversize" reply.
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer fails: how we find it
+        if self.curve_keys is not None:
+            sock.curve_publickey, sock.curve_secretkey = self.curve_keys
+            sock.curve_server = True
         path = self._ipc_path()
         if path is None:
             sock.bind(self.address)
@@ -373,6 +383,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     address = args.address or default_address()
     check_bind_address(address, args.auth_token)  # before loading anything
+    if args.curve_secret_key is not None:
+        load_server_keys(args.curve_secret_key)
     if address.startswith("ipc://"):
         claim_ipc_path(address)
     log.info("starting engine for %s; will serve on %s", args.model, address)
@@ -390,6 +402,7 @@ def _serve(args: argparse.Namespace) -> int:
             engine,
             address,
             auth_token=args.auth_token,
+            curve_secret_key=args.curve_secret_key,
             client_timeout_s=args.client_timeout,
             drain_timeout_s=args.drain_timeout,
         )
@@ -412,6 +425,7 @@ def add_serve_parser(commands) -> None:
         default=os.environ.get("STEPWEAVE_AUTH_TOKEN"),
         help="token clients must present (required for non-loopback tcp; default $STEPWEAVE_AUTH_TOKEN)",
     )
+    serve.add_argument("--curve-secret-key", default=None, help="encrypt with CURVE using this secret certificate (from `stepweave keygen`)")
     serve.add_argument("--client-timeout", type=float, default=15.0, help="seconds without a heartbeat before a client's requests are aborted")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests before aborting them")
     serve.set_defaults(func=_serve)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,11 +26,12 @@ LONG = SamplingParams(num_inference_steps=1000, seed=1, height=512, width=512)
 
 
 class ServerProcess:
-    """`python -m engine.cli serve` on an ipc socket; its log goes to a file we can read."""
+    """`python -m engine.cli serve`, on an ipc socket unless given an address (tcp port `*` is
+    read back from the log once ready); its log goes to a file we can read."""
 
-    def __init__(self, model, *args: str, executor: str = "inproc"):
+    def __init__(self, model, *args: str, executor: str = "inproc", address: str | None = None):
         self.dir = tempfile.mkdtemp(prefix="sw-", dir="/tmp")  # ipc paths must stay short
-        self.address = f"ipc://{self.dir}/engine.sock"
+        self.address = address or f"ipc://{self.dir}/engine.sock"
         self.log_path = Path(self.dir) / "server.log"
         self._log_file = open(self.log_path, "wb")
         command = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model), "--executor", executor,
@@ -43,6 +45,7 @@ class ServerProcess:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log()}"
             assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{self.log()}"
             time.sleep(0.05)
+        self.address = re.search(r"server ready: serving .* on (\S+) \(protocol", self.log()).group(1)
         return self
 
     def children(self) -> set[int]:

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from engine import AsyncEngineClient, EngineClient, SamplingParams, ServerUnavailableError
-from engine.service_address import check_bind_address
+from engine.service_address import check_bind_address, load_public_key
 from tests.service_peers import LONG, TOKEN, ServerProcess, collect
 
 pytestmark = pytest.mark.slow
@@ -135,5 +136,34 @@ async def test_a_crashed_worker_fails_its_requests_and_stops_the_server(qwen_dir
         # nothing left to serve with: the server exits non-zero so a supervisor restarts it
         code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 30)
         assert code == 1 and "the engine died" in proc.log(), proc.log()
+    finally:
+        proc.stop()
+
+
+async def test_curve_encrypts_a_tcp_server_and_clients_pin_its_key(qwen_dir, tmp_path):
+    from engine.cli import main
+
+    assert main(["keygen", str(tmp_path / "keys")]) == 0
+    public, secret = tmp_path / "keys" / "server.key", tmp_path / "keys" / "server.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    proc = ServerProcess(qwen_dir, "--auth-token", TOKEN, "--curve-secret-key", str(secret), address="tcp://127.0.0.1:*")
+    proc.wait_ready()
+    try:
+        assert proc.address.startswith("tcp://127.0.0.1:")
+        params = SamplingParams(num_inference_steps=2, seed=4, height=32, width=32, output_type="np")
+        for key in (public, load_public_key(public).decode()):  # the certificate file, or the key as text
+            async with AsyncEngineClient(proc.address, TOKEN, server_key=key) as client:
+                outputs = [o async for o in client.generate("over an encrypted channel", params)]
+                assert outputs[-1].error is None and outputs[-1].images.shape == (1, 32, 32, 3)
+        # no key (plain text), or another server's key: refused at the handshake, said clearly
+        for key in (None, zmq.curve_keypair()[0]):
+            async with AsyncEngineClient(proc.address, TOKEN, server_key=key, timeout_s=5) as client:
+                t0 = time.monotonic()
+                with pytest.raises(ServerUnavailableError, match="security handshake"):
+                    await client.generate("x", params).__anext__()
+                assert time.monotonic() - t0 < 3
+        with pytest.raises(ValueError, match="not a Z85 CURVE public key"):
+            AsyncEngineClient(proc.address, server_key="~" * 40)
+        assert proc.proc.poll() is None
     finally:
         proc.stop()
