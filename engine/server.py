@@ -68,6 +68,8 @@ class Session:
 
 
 class EngineServer:
+    """Serves one AsyncEngine to many clients on one ROUTER socket, from one event loop."""
+
     def __init__(
         self,
         engine: AsyncEngine,
