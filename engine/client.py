@@ -20,7 +20,7 @@ from typing import AsyncIterator, Sequence
 import msgspec
 
 from engine.client_connection import ClientStream, ServerConnection, ServerUnavailableError
-from engine.core import normalize_prompt
+from engine.core import request_fields
 from engine.omni import pair_prompts, progress_bar
 from engine.outputs import RequestOutput, failed_output
 from engine.sampling_params import SamplingParams
@@ -139,11 +139,7 @@ class AsyncEngineClient:
     def _encode(self, conn: ServerConnection, prompt, params, wire_id: str, stream: bool) -> tuple[SamplingParams, list]:
         """Validate here what needs no model (same messages as Omni), and check the message is
         one the server's typed decoder accepts, so a bad request fails alone."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        fields = normalize_prompt(prompt)
-        params.validate()
+        params, fields = request_fields(prompt, params)
         message = Generate(request_id=wire_id, params=params, stream=stream, **fields)
         try:
             frames = conn.encoder.encode(message)

@@ -99,10 +99,7 @@ class EngineCore:
         request_id: str | None = None,
     ) -> Request:
         """Validate a prompt and its parameters into a Request (ValueError names the field)."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        fields = normalize_prompt(prompt)
+        params, fields = request_fields(prompt, params)
         self.model_info.validate(params, fields["prompt"], fields["negative_prompt"], fields["class_label"])
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -160,6 +157,16 @@ def _check_sendable(request: Request) -> None:
         msgspec.msgpack.decode(msgspec.msgpack.encode(request.to_new_request()), type=NewRequest)
     except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:
         raise ValueError(f"request cannot be sent to the workers: {exc}") from None
+
+
+def request_fields(prompt: str | dict | None, params: SamplingParams | None) -> tuple[SamplingParams, dict]:
+    """The checks a request passes without the model: its params (defaults when None, each field
+    in range) and its prompt fields. Clients run them before sending; the engine again."""
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    params.validate()
+    return params, normalize_prompt(prompt)
 
 
 def normalize_prompt(prompt: str | dict | None) -> dict:

@@ -97,8 +97,7 @@ class ModelInfo:
         class_label: int | None,
     ) -> None:
         """Raise ValueError (naming the field and what it accepts) for a request this model
-        cannot serve; also tries the requested scheduler."""
-        params.validate()
+        cannot serve; also tries the requested scheduler. `params` has passed its own validate()."""
         if self.family == "qwen-image":
             if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
                 raise ValueError(
