@@ -14,8 +14,8 @@ import torch
 
 
 def _inputs(pipeline, rows: int):
-    from engine.protocol import NewRequest
-    from engine.sampling_params import SamplingParams
+    from engine.contract.messages import NewRequest
+    from engine.contract.sampling_params import SamplingParams
 
     request = NewRequest(request_id="probe", params=SamplingParams(num_inference_steps=4), prompt="a probe prompt for timing", negative_prompt="blurry")
     state = pipeline.prepare_encode(request)

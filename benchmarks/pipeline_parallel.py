@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
         "stage_parameters": systems["pp-2"]["worker_parameters"],
         "config": vars(args),
     }
-    print(f"| system | req/s | mean latency s | single request s |\n|---|---|---|---|")
+    print("| system | req/s | mean latency s | single request s |\n|---|---|---|---|")
     for name, s in systems.items():
         print(f"| {name} | {s['throughput_rps']:.3f} | {s['mean_latency_s']:.2f} | {s['single_request_latency_s']:.2f} |")
     print(

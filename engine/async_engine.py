@@ -16,68 +16,19 @@ import threading
 import uuid
 from typing import AsyncIterator
 
-from engine.config import ParallelConfig
-from engine.core import EngineCore
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from runner.executor import EngineDeadError
-
-
-class RequestStream:
-    """Bounded per-request buffer: the latest progress update and the final output."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop  # the consumer's event loop; only it touches this stream
-        self._progress: RequestOutput | None = None
-        self._final: RequestOutput | None = None
-        self._rejection: BaseException | None = None
-        self._ready = asyncio.Event()
-
-    def put(self, output: RequestOutput) -> None:
-        if output.finished:
-            self._final = self._final or output
-        else:
-            self._progress = output
-        self._ready.set()
-
-    def reject(self, exc: BaseException) -> None:
-        """The request never ran (e.g. a server refused it): the consumer's next get raises."""
-        self._rejection = exc
-        self._ready.set()
-
-    async def get(self) -> RequestOutput:
-        while True:
-            if self._rejection is not None:
-                raise self._rejection
-            if self._progress is not None:
-                output, self._progress = self._progress, None
-                return output
-            if self._final is not None:
-                return self._final
-            self._ready.clear()
-            await self._ready.wait()
+from engine.contract.config import EngineConfig
+from engine.contract.errors import EngineDeadError
+from engine.contract.outputs import RequestOutput
+from engine.contract.sampling_params import SamplingParams
+from engine.core.engine_core import EngineCore
+from engine.request_stream import RequestStream
 
 
 class AsyncEngine:
-    def __init__(
-        self,
-        model: str = "tiny-qwen-image",
-        max_num_seqs: int = 8,
-        parallel_config: ParallelConfig | None = None,
-        executor: str = "mp",
-        device: str | None = None,
-        max_waiting: int | None = None,
-        async_scheduling: bool | None = None,
-    ):
-        self.core = EngineCore(
-            model,
-            max_num_seqs=max_num_seqs,
-            parallel_config=parallel_config,
-            executor=executor,
-            device=device,
-            max_waiting=max_waiting,
-            async_scheduling=async_scheduling,
-        )
+    def __init__(self, model: str | EngineConfig = "tiny-qwen-image", **options):
+        """`model` is a preset name, a diffusers directory or an EngineConfig; `options` are
+        EngineConfig fields (max_num_seqs, parallel_config, executor, device, ...)."""
+        self.core = EngineCore(EngineConfig.of(model, **options))
         self._inputs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._thread: threading.Thread | None = None

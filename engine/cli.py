@@ -1,12 +1,21 @@
-"""The `stepweave` command line."""
+"""The `stepweave` command line: generate, serve, export-preset, keygen, bench.
+
+Every command that starts an engine takes the same engine options, turned into one
+EngineConfig by `engine_config`, so a flag means the same thing wherever it appears.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
 
+from engine.contract.config import EngineConfig, ParallelConfig
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-qwen-image", help="preset name or diffusers directory")
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--cfg-parallel-size", type=int, default=1)
@@ -15,8 +24,20 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
+    parallel = ParallelConfig(cfg_parallel_size=args.cfg_parallel_size, pipeline_parallel_size=args.pp_size)
+    return EngineConfig.of(
+        args.model,
+        max_num_seqs=args.max_num_seqs,
+        parallel_config=parallel,
+        executor=args.executor,
+        device=args.device,
+        **extra,
+    )
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from engine import Omni, ParallelConfig, SamplingParams
+    from engine import Omni, SamplingParams
 
     params = SamplingParams(
         num_inference_steps=args.steps,
@@ -30,8 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompt: dict = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.class_label is not None:
         prompt = {"class_label": args.class_label}
-    parallel = ParallelConfig(cfg_parallel_size=args.cfg_parallel_size, pipeline_parallel_size=args.pp_size)
-    with Omni(args.model, max_num_seqs=args.max_num_seqs, parallel_config=parallel, executor=args.executor, device=args.device) as omni:
+    with Omni(engine_config(args)) as omni:
         (output,) = omni.generate([prompt], params, use_tqdm=False)
     if output.error is not None:
         print(f"error: {output.error}", file=sys.stderr)
@@ -40,6 +60,37 @@ def _generate(args: argparse.Namespace) -> int:
     metrics = output.metrics
     print(f"wrote {args.output} ({output.num_steps} steps, seed {output.seed}, {metrics.latency_s:.2f} s)")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from engine.async_engine import AsyncEngine
+    from engine.service.address import check_bind_address, claim_ipc_path, default_address, load_server_keys
+    from engine.service.server import EngineServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    log = logging.getLogger("stepweave.server")
+    address = args.address or default_address()
+    check_bind_address(address, args.auth_token)  # before loading anything
+    if args.curve_secret_key is not None:
+        load_server_keys(args.curve_secret_key)
+    if address.startswith("ipc://"):
+        claim_ipc_path(address)
+    log.info("starting engine for %s; will serve on %s", args.model, address)
+    engine = AsyncEngine(engine_config(args, max_waiting=args.max_waiting))
+    try:
+        server = EngineServer(
+            engine,
+            address,
+            auth_token=args.auth_token,
+            curve_secret_key=args.curve_secret_key,
+            client_timeout_s=args.client_timeout,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except BaseException:
+        engine.shutdown()
+        raise
+    asyncio.run(server.serve())
+    return server.exit_code
 
 
 def _export_preset(args: argparse.Namespace) -> int:
@@ -51,7 +102,7 @@ def _export_preset(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from engine.service_address import load_public_key, write_server_keys
+    from engine.service.address import load_public_key, write_server_keys
 
     public, secret = write_server_keys(args.directory)
     print(f"wrote {secret} (the server's: stepweave serve --curve-secret-key {secret})")
@@ -60,10 +111,7 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepweave", description="Continuous-batching diffusion serving")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="generate one image")
     gen.add_argument("--prompt", default="a lighthouse on a cliff at sunset")
     gen.add_argument("--negative-prompt", default=None)
@@ -75,8 +123,51 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--scheduler", default=None, help="diffusers scheduler class name")
     gen.add_argument("--output", default="out.png")
-    _add_engine_args(gen)
+    add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+
+def _add_serve_parser(commands) -> None:
+    from engine.service.address import default_address
+
+    serve = commands.add_parser("serve", help="serve the engine to EngineClients over ZeroMQ")
+    add_engine_args(serve)
+    serve.add_argument("--address", default=None, help=f"ipc://PATH or tcp://HOST:PORT (default {default_address()})")
+    serve.add_argument(
+        "--max-waiting", type=int, default=None, help="bound on queued requests; more are rejected as overloaded"
+    )
+    serve.add_argument(
+        "--auth-token",
+        default=os.environ.get("STEPWEAVE_AUTH_TOKEN"),
+        help="token clients must present (required for non-loopback tcp; default $STEPWEAVE_AUTH_TOKEN)",
+    )
+    serve.add_argument(
+        "--curve-secret-key",
+        default=None,
+        help="encrypt with CURVE using this secret certificate (from `stepweave keygen`)",
+    )
+    serve.add_argument(
+        "--client-timeout",
+        type=float,
+        default=15.0,
+        help="seconds without a heartbeat before a client's requests are aborted",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for running requests before aborting them",
+    )
+    serve.set_defaults(func=_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.bench_cli import add_bench_parser
+
+    parser = argparse.ArgumentParser(prog="stepweave", description="Continuous-batching diffusion serving")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(commands)
+    _add_serve_parser(commands)
 
     export = commands.add_parser("export-preset", help="write a preset as a diffusers directory")
     export.add_argument("name")
@@ -87,12 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("directory")
     keygen.set_defaults(func=_keygen)
 
-    from engine.bench_cli import add_bench_parser
-
     add_bench_parser(commands)
-    from engine.server import add_serve_parser
-
-    add_serve_parser(commands)
     return parser
 
 

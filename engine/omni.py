@@ -9,30 +9,19 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine.config import ParallelConfig
-from engine.core import EngineCore
-from engine.outputs import RequestOutput, failed_output
-from engine.sampling_params import SamplingParams
+from engine.contract.config import EngineConfig
+from engine.contract.outputs import RequestOutput, failed_output
+from engine.contract.request_fields import pair_prompts
+from engine.contract.sampling_params import SamplingParams
+from engine.core.engine_core import EngineCore
+from engine.progress import progress_bar
 
 
 class Omni:
-    def __init__(
-        self,
-        model: str = "tiny-qwen-image",
-        max_num_seqs: int = 8,
-        parallel_config: ParallelConfig | None = None,
-        executor: str = "mp",
-        device: str | None = None,
-        async_scheduling: bool | None = None,
-    ):
-        self.core = EngineCore(
-            model,
-            max_num_seqs=max_num_seqs,
-            parallel_config=parallel_config,
-            executor=executor,
-            device=device,
-            async_scheduling=async_scheduling,
-        )
+    def __init__(self, model: str | EngineConfig = "tiny-qwen-image", **options):
+        """`model` is a preset name, a diffusers directory or an EngineConfig; `options` are
+        EngineConfig fields (max_num_seqs, parallel_config, executor, device, ...)."""
+        self.core = EngineCore(EngineConfig.of(model, **options))
 
     def generate(
         self,
@@ -79,23 +68,3 @@ class Omni:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-
-def pair_prompts(prompts, sampling_params) -> tuple[list, list]:
-    """One prompt or many, one SamplingParams for all or one each -> two lists of equal length."""
-    if isinstance(prompts, (str, dict)):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if sampling_params is None or isinstance(sampling_params, SamplingParams):
-        return prompts, [sampling_params] * len(prompts)
-    params_list = list(sampling_params)
-    if len(params_list) != len(prompts):
-        raise ValueError(f"sampling_params has {len(params_list)} entries but there are {len(prompts)} prompts")
-    return prompts, params_list
-
-
-def progress_bar(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)

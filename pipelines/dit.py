@@ -14,13 +14,33 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from engine.protocol import NewRequest
-from pipelines.base import StepPipeline
-from runner.cfg import Row
-from runner.request_state import RequestState
+from engine.contract.messages import NewRequest
+from pipelines.parallel.cfg import Row
+from pipelines.request_state import RequestState
+from pipelines.step_pipeline import StepPipeline
+
+VAE_SCALE = 8  # DiT's VAE: latent side * 8 = image side
 
 
 class DiTStepPipeline(StepPipeline):
+    name = "dit"
+    inputs = ("class_label",)
+
+    @classmethod
+    def default_size(cls, transformer_config, preset) -> tuple[int, int]:
+        side = int(transformer_config["sample_size"]) * VAE_SCALE
+        return side, side
+
+    @classmethod
+    def check_request(cls, info, params, fields) -> None:
+        label, classes = fields["class_label"], int(info.transformer_config.get("num_embeds_ada_norm") or 0)
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
+            raise ValueError(f"class_label must be an integer in [0, {classes - 1}], got {label!r}")
+        for side, default in (("height", info.default_height), ("width", info.default_width)):
+            value = getattr(params, side)
+            if value is not None and value != default:
+                raise ValueError(f"SamplingParams.{side} must be {default} (fixed by this DiT model), got {value}")
+
     def __init__(self, pipe, info, device):
         super().__init__(pipe, info, device)
         config = pipe.transformer.config
@@ -33,8 +53,6 @@ class DiTStepPipeline(StepPipeline):
     def prepare_encode(self, request: NewRequest) -> RequestState:
         params = request.params
         label = request.class_label
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.null_class:
-            raise ValueError(f"class_label must be an integer in [0, {self.null_class - 1}], got {label!r}")
         generator = self.new_generator(request)
         shape = (1, self.latent_channels, self.latent_size, self.latent_size)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.pipe.transformer.dtype)
@@ -58,7 +76,7 @@ class DiTStepPipeline(StepPipeline):
     def denoise_step(self, states: Sequence[RequestState]) -> list[Any]:
         for state in states:
             state.latents = state.scheduler.scale_model_input(state.latents, state.timestep)
-        return self.predict_noise_maybe_with_cfg(states)
+        return self.predict_noise(states)
 
     def forward_rows(self, rows: Sequence[Row]) -> torch.Tensor:
         latents = torch.cat([state.latents for state, _ in rows])
@@ -69,10 +87,7 @@ class DiTStepPipeline(StepPipeline):
     def prediction_shapes(self, state: RequestState) -> tuple:
         return (1, self.pipe.transformer.config.out_channels, self.latent_size, self.latent_size)
 
-    def post_decode(self, state: RequestState) -> np.ndarray:
-        return self.post_decode_batch([state])[0]
-
-    def post_decode_batch(self, states: Sequence[RequestState]) -> list[np.ndarray]:
+    def post_decode(self, states: Sequence[RequestState]) -> list[np.ndarray]:
         """The tail of DiTPipeline.__call__, for several requests in one VAE call."""
         vae = self.pipe.vae
         latents = torch.cat([state.latents for state in states]) / vae.config.scaling_factor

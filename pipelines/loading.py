@@ -1,37 +1,38 @@
-"""Load a model directory through diffusers' own loader and wrap it in its step pipeline."""
+"""Load a model directory through diffusers' own loader and wrap it in its family's step pipeline."""
 
 from __future__ import annotations
 
 import torch
 
-from pipelines.base import StepPipeline
 from pipelines.model_info import ModelInfo
+from pipelines.registry import import_family
+from pipelines.step_pipeline import StepPipeline
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_step_pipeline(model: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> StepPipeline:
-    """`model` is a preset name or a diffusers directory; the family comes from model_index.json."""
+def load_step_pipeline(
+    model: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    family: str | None = None,
+) -> StepPipeline:
+    """`model` is a preset name or a diffusers directory; the family comes from model_index.json
+    through the registry unless `family` ("module:Class") names it."""
     import diffusers
     import transformers
 
     # Loading bars from every worker would drown the engine's own log.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    info = ModelInfo.load(model)
+    info = ModelInfo.load(model, import_family(family) if family is not None else None)
     device = torch.device(device) if device is not None else default_device()
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path), dtype=dtype)
+        pipe = info.family.load_diffusers(info.path, dtype)
     except Exception as exc:
         raise ValueError(f"cannot load model directory {str(info.path)!r}: {exc}") from exc
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if info.family == "qwen-image":
-        from pipelines.qwen_image import QwenImageStepPipeline
-
-        return QwenImageStepPipeline(pipe, info, device)
-    from pipelines.dit import DiTStepPipeline
-
-    return DiTStepPipeline(pipe, info, device)
+    return info.family(pipe, info, device)

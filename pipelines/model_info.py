@@ -1,7 +1,8 @@
-"""What the engine may know about a model without loading it: family, default size, scheduler.
+"""What the engine may know about a model without loading it: its family, configs and defaults.
 
 Read from the diffusers directory's JSON files only (no weights), so the engine process can
-validate a request at submission, name the bad field, and never send it to a worker.
+validate a request at submission, name the bad field, and never send it to a worker. The family
+comes from the registry; the checks that differ between families are the family's own.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.registry import family_for
 from pipelines.schedulers import check_schedule, check_scheduler
 
 if TYPE_CHECKING:  # the engine imports this module; no import back at run time
-    from engine.sampling_params import SamplingParams
-
-# diffusers pipeline class (model_index.json "_class_name") -> our family name
-FAMILIES = {"QwenImagePipeline": "qwen-image", "DiTPipeline": "dit"}
-MAX_PROMPT_CHARS = 20_000  # the tokenizer truncates far below this; the cap bounds the work
+    from engine.contract.sampling_params import SamplingParams
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -46,96 +44,48 @@ def _read_json(path: Path) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
-    family: str
+    family: type  # the StepPipeline subclass that serves this model (from the registry)
     default_height: int
     default_width: int
     scheduler_config: dict[str, Any]
-    num_classes: int = 0  # DiT: valid class labels are [0, num_classes)
-    num_layers: int = 0  # transformer blocks, for pipeline-parallel partitions
+    transformer_config: dict[str, Any]
 
     @property
-    def max_image_tokens(self) -> int:
-        """The largest image the model's timestep shift is defined for (bounds worker memory)."""
-        return int(self.scheduler_config.get("max_image_seq_len", 4096))
+    def num_layers(self) -> int:
+        """Transformer blocks, for pipeline-parallel partitions."""
+        return int(self.transformer_config.get("num_layers", 0))
 
     @property
     def flow(self) -> bool:
-        return self.family == "qwen-image"
+        return self.family.flow_matching
 
     @classmethod
-    def load(cls, model: str | Path) -> "ModelInfo":
+    def load(cls, model: str | Path, family: type | None = None) -> ModelInfo:
+        """`family` overrides the registry (workers get the one the engine chose)."""
         path = resolve_model(model)
-        index = _read_json(path / "model_index.json")
-        pipeline_class = index.get("_class_name")
-        if pipeline_class not in FAMILIES:
-            raise ValueError(
-                f"model {str(path)!r} is a {pipeline_class!r}; stepweave serves {', '.join(FAMILIES)}"
-            )
-        family = FAMILIES[pipeline_class]
-        extra = _read_json(path / "stepweave.json") if (path / "stepweave.json").is_file() else {}
-        scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+        if family is None:
+            family = family_for(_read_json(path / "model_index.json").get("_class_name"))
+        # Presets record their default size here; other directories get the family's default.
+        preset = _read_json(path / "stepweave.json") if (path / "stepweave.json").is_file() else {}
         transformer = _read_json(path / "transformer" / "config.json")
-        if family == "dit":
-            side = int(transformer["sample_size"]) * 8
-            classes = int(transformer.get("num_embeds_ada_norm") or 0)
-            return cls(path, family, side, side, scheduler_config, classes, int(transformer.get("num_layers", 0)))
-        # diffusers' QwenImagePipeline default: 128 latent pixels * the VAE's 8x
-        return cls(
-            path,
-            family,
-            int(extra.get("default_height", 1024)),
-            int(extra.get("default_width", 1024)),
-            scheduler_config,
-            num_layers=int(transformer.get("num_layers", 0)),
-        )
+        height, width = family.default_size(transformer, preset)
+        scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+        return cls(path, family, height, width, scheduler, transformer)
 
-    def validate(
-        self,
-        params: "SamplingParams",
-        prompt: str | None,
-        negative_prompt: str | None,
-        class_label: int | None,
-    ) -> None:
+    def validate(self, params: SamplingParams, fields: dict[str, Any]) -> None:
         """Raise ValueError (naming the field and what it accepts) for a request this model
         cannot serve; also tries the requested scheduler. `params` has passed its own validate()."""
-        if self.family == "qwen-image":
-            if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
-                raise ValueError(
-                    f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters, got {_short(prompt)}"
-                )
-            if negative_prompt is not None and (not isinstance(negative_prompt, str) or len(negative_prompt) > MAX_PROMPT_CHARS):
-                raise ValueError(
-                    f"negative_prompt must be null or a string of at most {MAX_PROMPT_CHARS} characters, got {_short(negative_prompt)}"
-                )
-            for side in ("height", "width"):
-                value = getattr(params, side)
-                if value is not None and value % 16:
-                    raise ValueError(f"SamplingParams.{side} must be a multiple of 16 in [16, 4096], got {value}")
-            height = params.height or self.default_height
-            width = params.width or self.default_width
-            tokens, limit = (height // 16) * (width // 16), self.max_image_tokens
-            if tokens > limit:
-                raise ValueError(
-                    f"SamplingParams.height x width = {height}x{width} gives {tokens} image tokens; this model allows "
-                    f"at most {limit} (height/16 * width/16)"
-                )
-        else:
-            if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < self.num_classes:
-                raise ValueError(f"class_label must be an integer in [0, {self.num_classes - 1}], got {class_label!r}")
-            for side, default in (("height", self.default_height), ("width", self.default_width)):
-                value = getattr(params, side)
-                if value is not None and value != default:
-                    raise ValueError(f"SamplingParams.{side} must be {default} (fixed by this DiT model), got {value}")
+        family = self.family
+        for key, value in fields.items():
+            if value is not None and key not in family.inputs:
+                raise ValueError(f"{key} is not an input of {family.name} models; they take {', '.join(family.inputs)}")
+        family.check_request(self, params, fields)
         check_scheduler(self.scheduler_config, params.scheduler, params.scheduler_config, self.flow)
-        if self.flow:
-            tokens = ((params.height or self.default_height) // 16) * ((params.width or self.default_width) // 16)
-        else:
-            tokens = 0
         check_schedule(
-            self.scheduler_config, params.scheduler, params.scheduler_config, self.flow, params.num_inference_steps, tokens
+            self.scheduler_config,
+            params.scheduler,
+            params.scheduler_config,
+            self.flow,
+            params.num_inference_steps,
+            family.image_seq_len(self, params),
         )
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -10,37 +10,69 @@ transformer applies in joint attention, so padding does not change any row.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from engine.protocol import NewRequest
-from pipelines.base import StepPipeline
+from engine.contract.messages import NewRequest
+from engine.contract.sampling_params import MAX_SIDE
+from pipelines.parallel.cfg import Row
+from pipelines.parallel.pipeline_parallel import HIDDEN_TAG
+from pipelines.request_state import RequestState
 from pipelines.schedulers import set_flow_timesteps
-from runner.cfg import Row
-from runner.pipeline_parallel import HIDDEN_TAG
-from runner.request_state import RequestState
+from pipelines.step_pipeline import StepPipeline, check_text
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' QwenImagePipeline default
+PIXELS_PER_TOKEN = 16  # the VAE's 8x times the transformer's 2x2 patches
+
+
+@dataclass
+class QwenImageState(RequestState):
+    height: int = 0
+    width: int = 0
 
 
 class QwenImageStepPipeline(StepPipeline):
+    name = "qwen-image"
+    flow_matching = True
+    supports_pipeline_parallel = True
+
+    @classmethod
+    def check_request(cls, info, params, fields) -> None:
+        check_text("prompt", fields["prompt"], required=True)
+        check_text("negative_prompt", fields["negative_prompt"], required=False)
+        for side in ("height", "width"):
+            value = getattr(params, side)
+            if value is not None and value % PIXELS_PER_TOKEN:
+                raise ValueError(
+                    f"SamplingParams.{side} must be a multiple of {PIXELS_PER_TOKEN} in [16, {MAX_SIDE}], got {value}"
+                )
+        tokens = cls.image_seq_len(info, params)
+        limit = int(info.scheduler_config.get("max_image_seq_len", 4096))  # where the shift is defined
+        if tokens > limit:
+            height, width = params.height or info.default_height, params.width or info.default_width
+            raise ValueError(
+                f"SamplingParams.height x width = {height}x{width} gives {tokens} image tokens; this model allows "
+                f"at most {limit} (height/16 * width/16)"
+            )
+
+    @classmethod
+    def image_seq_len(cls, info, params) -> int:
+        height, width = params.height or info.default_height, params.width or info.default_width
+        return (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+
     def __init__(self, pipe, info, device):
         super().__init__(pipe, info, device)
         self.vae_scale_factor = pipe.vae_scale_factor
         self._text_cache_key: tuple = ()
         self._text_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def prepare_encode(self, request: NewRequest) -> RequestState:
+    def prepare_encode(self, request: NewRequest) -> QwenImageState:
         params = request.params
         height = params.height or self.info.default_height
         width = params.width or self.info.default_width
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(f"SamplingParams.height and width must be multiples of {multiple}, got {height}x{width}")
-        if not isinstance(request.prompt, str) or not request.prompt:
-            raise ValueError(f"prompt must be a non-empty string, got {request.prompt!r}")
         pipe = self.pipe
         do_cfg = params.true_cfg_scale > 1 and request.negative_prompt is not None
         branches = [request.prompt, request.negative_prompt] if do_cfg else [request.prompt]
@@ -56,7 +88,7 @@ class QwenImageStepPipeline(StepPipeline):
         set_flow_timesteps(scheduler, params.num_inference_steps, image_seq_len=latents.shape[1], device=self.device)
         scheduler.set_begin_index(0)
         normalize = True if params.cfg_normalize is None else params.cfg_normalize
-        return RequestState(
+        return QwenImageState(
             request=request,
             generator=generator,
             scheduler=scheduler,
@@ -66,14 +98,15 @@ class QwenImageStepPipeline(StepPipeline):
             cfg_scale=float(params.true_cfg_scale),
             cfg_normalize=normalize,
             batch_key=(height, width),
-            extra={"height": height, "width": width, "latent_shape": tuple(latents.shape)},
+            height=height,
+            width=width,
         )
 
     def forward_rows(self, rows: Sequence[Row]) -> torch.Tensor | None:
         if self.pp_size > 1:
             return self._stage_forward(rows)
         first = rows[0][0]
-        height, width = first.extra["height"], first.extra["width"]
+        height, width = first.height, first.width
         hidden_states = torch.cat([state.latents for state, _ in rows])
         timestep = torch.stack([state.timestep for state, _ in rows]).to(hidden_states.dtype)
         embeds, mask = self._text_inputs(rows)
@@ -111,7 +144,7 @@ class QwenImageStepPipeline(StepPipeline):
 
         transformer = self.pipe.transformer
         first = rows[0][0]
-        height, width = first.extra["height"], first.extra["width"]
+        height, width = first.height, first.width
         side = self.vae_scale_factor * 2
         img_shapes = [[(1, height // side, width // side)]] * len(rows)
         embeds, mask = self._text_inputs(rows)
@@ -129,7 +162,7 @@ class QwenImageStepPipeline(StepPipeline):
             hidden = transformer.img_in(torch.cat([state.latents for state, _ in rows]))
             encoder = transformer.txt_in(transformer.txt_norm(embeds))
         else:
-            image_tokens = first.extra["latent_shape"][1]
+            image_tokens = first.latent_shape[1]
             hidden, encoder = self.receive(
                 [(len(rows), image_tokens, inner), (len(rows), text_len, inner)], HIDDEN_TAG, self.pp_prev
             )
@@ -168,14 +201,11 @@ class QwenImageStepPipeline(StepPipeline):
         self._text_cache_key, self._text_cache = key, result
         return result
 
-    def post_decode(self, state: RequestState) -> np.ndarray:
-        return self.post_decode_batch([state])[0]
-
-    def post_decode_batch(self, states: Sequence[RequestState]) -> list[np.ndarray]:
+    def post_decode(self, states: Sequence[QwenImageState]) -> list[np.ndarray]:
         """The tail of QwenImagePipeline.__call__, for same-size requests in one VAE call."""
         pipe = self.pipe
         vae = pipe.vae
-        height, width = states[0].extra["height"], states[0].extra["width"]
+        height, width = states[0].height, states[0].width
         latents = torch.cat([state.latents for state in states])
         latents = pipe._unpack_latents(latents, height, width, self.vae_scale_factor).to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)

@@ -143,3 +143,16 @@ def set_flow_timesteps(scheduler: Any, num_steps: int, image_seq_len: int, devic
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     mu = calculate_shift(image_seq_len, scheduler.config)
     retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+
+
+def step_request_scheduler(scheduler: Any, noise_pred: Any, timestep: Any, latents: Any, generator: Any = None) -> Any:
+    """One step of a request's own scheduler, with the request's generator where the scheduler
+    draws noise. Every CFG rank does this locally with identically seeded generators, so the
+    ranks stay equal without a broadcast."""
+    kwargs = {"generator": generator} if _accepts_generator(type(scheduler)) else {}
+    return scheduler.step(noise_pred, timestep, latents, return_dict=False, **kwargs)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_generator(scheduler_cls: type) -> bool:
+    return "generator" in inspect.signature(scheduler_cls.step).parameters

@@ -11,11 +11,8 @@ from __future__ import annotations
 import abc
 from collections import deque
 
-from engine.protocol import StepBatch, StepResults
-
-
-class EngineDeadError(RuntimeError):
-    """The workers are gone; every request fails until the engine is restarted."""
+from engine.contract.config import EngineConfig
+from engine.contract.messages import StepBatch, StepResults
 
 
 class Executor(abc.ABC):
@@ -27,10 +24,6 @@ class Executor(abc.ABC):
     def collect(self, timeout: float | None = None) -> StepResults:
         """The oldest outstanding batch's results (raises TimeoutError or EngineDeadError)."""
 
-    def execute(self, batch: StepBatch) -> StepResults:
-        self.submit(batch)
-        return self.collect()
-
     @abc.abstractmethod
     def state_ids(self) -> list[str]:
         """Request ids the workers still hold state for (for tests and debugging)."""
@@ -40,11 +33,11 @@ class Executor(abc.ABC):
 
 
 class InprocExecutor(Executor):
-    def __init__(self, model: str, device: str | None = None):
+    def __init__(self, config: EngineConfig, family: str):
         from pipelines.loading import load_step_pipeline
         from runner.model_runner import ModelRunner
 
-        self.runner = ModelRunner(load_step_pipeline(model, device=device))
+        self.runner = ModelRunner(load_step_pipeline(config.model, device=config.device, family=family))
         self._results: deque[StepResults] = deque()
 
     def submit(self, batch: StepBatch) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from engine.protocol import StepBatch, StepOutput, StepResults
-from runner.request_state import RequestState
+from engine.contract.messages import StepBatch, StepOutput, StepResults
+from pipelines.request_state import RequestState
 
 
 class ModelRunner:

@@ -18,13 +18,24 @@ import time
 import weakref
 from collections import deque
 
+import msgspec
 import torch
 import zmq
 
-from engine.config import ParallelConfig
-from engine.protocol import FromWorker, Shutdown, StateQuery, StateReply, StepBatch, StepResults, WorkerFailed, WorkerReady
-from engine.wire import Decoder, Encoder, WireError
-from runner.executor import EngineDeadError, Executor
+from engine.contract.config import EngineConfig
+from engine.contract.errors import EngineDeadError
+from engine.contract.messages import (
+    FromWorker,
+    Shutdown,
+    StateQuery,
+    StateReply,
+    StepBatch,
+    StepResults,
+    WorkerFailed,
+    WorkerReady,
+)
+from engine.contract.wire import Decoder, Encoder, WireError
+from runner.executor import Executor
 from runner.worker import WorkerConfig
 
 POLL_S = 0.2
@@ -39,13 +50,12 @@ def _free_port() -> int:
 class MultiprocExecutor(Executor):
     def __init__(
         self,
-        model: str,
-        parallel_config: ParallelConfig,
-        device: str | None = None,
+        config: EngineConfig,
+        family: str,
         startup_timeout_s: float = 300.0,
         threads_per_worker: int | None = None,
     ):
-        self.world_size = parallel_config.world_size
+        self.world_size = config.parallel_config.world_size
         self._dead: str | None = None
         self._outstanding: deque[int] = deque()
         self.worker_info: dict[int, dict] = {}
@@ -64,20 +74,16 @@ class MultiprocExecutor(Executor):
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(address)
             self._batch_sockets.append(sock)
-            config = WorkerConfig(
-                model=model,
+            worker = WorkerConfig(
+                engine=config,
+                family=family,
                 rank=rank,
-                world_size=self.world_size,
-                cfg_parallel_size=parallel_config.cfg_parallel_size,
-                pipeline_parallel_size=parallel_config.pipeline_parallel_size,
-                pp_layer_partition=parallel_config.pp_layer_partition,
                 batch_address=address,
                 result_address=result_address,
                 dist_address=dist_address,
-                device=device,
                 num_threads=threads,
             )
-            self.processes.append(WorkerProcess(config))
+            self.processes.append(WorkerProcess(worker))
         self._encoder = Encoder()
         self._decoder = Decoder(FromWorker, max_frames=1 << 20)  # trusted peers: one frame per finished image
         self._finalizer = weakref.finalize(self, _shutdown, self._context, self._batch_sockets, self.processes, self._dir)
@@ -179,8 +185,6 @@ class WorkerProcess:
     """
 
     def __init__(self, config: WorkerConfig):
-        import msgspec
-
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)

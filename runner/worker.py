@@ -13,33 +13,25 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import dataclass
 
+import msgspec
 import zmq
 
-from engine.protocol import Shutdown, StateQuery, StateReply, StepBatch, ToWorker, WorkerFailed, WorkerReady
-from engine.wire import Decoder, Encoder, WireError
+from engine.contract.config import EngineConfig
+from engine.contract.messages import Shutdown, StateQuery, StateReply, StepBatch, ToWorker, WorkerFailed, WorkerReady
+from engine.contract.wire import Decoder, Encoder, WireError
 
 
-@dataclass
-class WorkerConfig:
-    model: str
+class WorkerConfig(msgspec.Struct, kw_only=True):
+    """One rank of the worker grid: the engine's config plus where this rank sits and talks."""
+
+    engine: EngineConfig  # model resolved to a directory by the engine
+    family: str  # "module:Class" of the step pipeline the engine chose for the model
     rank: int
-    world_size: int
-    cfg_parallel_size: int
-    pipeline_parallel_size: int
-    pp_layer_partition: list[int] | None
     batch_address: str  # this worker's PULL socket for step batches
     result_address: str  # the engine's PULL socket for results
     dist_address: str  # host:port for torch.distributed rendezvous
-    device: str | None
     num_threads: int
-
-    @property
-    def reports_results(self) -> bool:
-        from runner.parallel_groups import GridPosition
-
-        return GridPosition.of(self.rank, self.cfg_parallel_size, self.pipeline_parallel_size).reports_results
 
 
 def _die_with_parent() -> None:
@@ -65,7 +57,7 @@ def worker_main(config: WorkerConfig) -> None:
     results.connect(config.result_address)
     encoder, decoder = Encoder(), Decoder(ToWorker)
     try:
-        runner = _build_runner(config)
+        runner, reports_results = _build_runner(config)
     except BaseException:
         results.send_multipart(encoder.encode(WorkerFailed(rank=config.rank, error=traceback.format_exc(limit=8))))
         results.close()
@@ -96,7 +88,7 @@ def worker_main(config: WorkerConfig) -> None:
             idle = 0.0 if idle_since is None else time.perf_counter() - idle_since
             step_results = runner.execute(message)
             idle_since = time.perf_counter()
-            if config.reports_results:
+            if reports_results:
                 step_results.idle_s = idle
                 results.send_multipart(encoder.encode(step_results), copy=False)
     except BaseException:
@@ -109,20 +101,20 @@ def worker_main(config: WorkerConfig) -> None:
 
 
 def _build_runner(config: WorkerConfig):
+    """The model runner for this rank, and whether this rank reports results."""
     from pipelines.loading import load_step_pipeline
     from runner.model_runner import ModelRunner
 
-    pipeline = load_step_pipeline(config.model, device=config.device)
-    if config.world_size > 1:
-        from runner.parallel_groups import setup_parallel
+    engine = config.engine
+    pipeline = load_step_pipeline(engine.model, device=engine.device, family=config.family)
+    if engine.parallel_config.world_size > 1:
+        from pipelines.parallel.groups import setup_parallel
 
-        setup_parallel(pipeline, config)
-    return ModelRunner(pipeline)
+        setup_parallel(pipeline, config.rank, engine.parallel_config, config.dist_address)
+    return ModelRunner(pipeline), pipeline.reports_results
 
 
 if __name__ == "__main__":
     import sys
-
-    import msgspec
 
     worker_main(msgspec.json.decode(sys.argv[1], type=WorkerConfig))

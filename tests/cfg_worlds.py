@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
-from engine.protocol import NewRequest
-from engine.sampling_params import SamplingParams
-from runner.cfg import CFGParallelMixin
-from runner.request_state import RequestState
+from engine.contract.messages import NewRequest
+from engine.contract.sampling_params import SamplingParams
+from pipelines.parallel.cfg import CFGParallelMixin
+from pipelines.request_state import RequestState
+from pipelines.schedulers import step_request_scheduler
 
 SIDE, CHANNELS, AUDIO = 8, 4, 16
 
@@ -114,9 +115,9 @@ def run(kind: str, rank: int = 0, world: int = 1) -> list:
     states = make_states(kind)
     with torch.inference_mode():
         for _ in range(len(states[0].timesteps)):
-            for state, noise in zip(states, pipeline.predict_noise_maybe_with_cfg(states)):
-                state.latents = pipeline.scheduler_step_maybe_with_cfg(
-                    noise, state.timestep, state.latents, per_request_scheduler=state.scheduler, generator=state.generator
+            for state, noise in zip(states, pipeline.predict_noise(states), strict=True):
+                state.latents = step_request_scheduler(
+                    state.scheduler, noise, state.timestep, state.latents, generator=state.generator
                 )
                 state.step_index += 1
     return [s.latents for s in states]

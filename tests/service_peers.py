@@ -16,8 +16,8 @@ from pathlib import Path
 import zmq
 
 from engine import AsyncEngineClient, SamplingParams
-from engine.service_protocol import PROTOCOL_VERSION, Error, Hello, ServerMessage, Welcome
-from engine.wire import Decoder, Encoder
+from engine.contract.wire import Decoder, Encoder
+from engine.service.protocol import PROTOCOL_VERSION, Error, Hello, ServerMessage, Welcome
 
 TOKEN = "test-token-0123456789"
 ROOT = Path(__file__).resolve().parent.parent

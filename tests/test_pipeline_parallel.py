@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine import EngineDeadError, Omni, ParallelConfig, SamplingParams
-from runner.async_latents import AsyncLatents
-from runner.pipeline_parallel import split_evenly
+from pipelines.parallel.async_latents import AsyncLatents
+from pipelines.parallel.pipeline_parallel import split_evenly
 from tests.conftest import run_staggered
 
 

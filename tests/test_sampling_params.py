@@ -3,7 +3,7 @@
 import msgspec
 import pytest
 
-from engine.sampling_params import SamplingParams
+from engine.contract.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize(

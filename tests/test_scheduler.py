@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from engine.protocol import StepOutput, StepResults
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import OverloadedError, StepScheduler
+from engine.contract.errors import OverloadedError
+from engine.contract.messages import StepOutput, StepResults
+from engine.contract.sampling_params import SamplingParams
+from engine.core.request import Request
+from engine.core.scheduler import StepScheduler
 
 
 def make(request_id, steps=3):

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import AsyncEngineClient, EngineClient, Omni, SamplingParams, ServerUnavailableError
-from engine.service_address import claim_ipc_path
-from engine.service_protocol import (
+from engine.service.address import claim_ipc_path
+from engine.service.protocol import (
     MAX_CLIENT_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Abort,

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from engine import AsyncEngineClient, EngineClient, SamplingParams, ServerUnavailableError
-from engine.service_address import check_bind_address, load_public_key
+from engine.service.address import check_bind_address, load_public_key
 from tests.service_peers import LONG, TOKEN, ServerProcess, collect
 
 pytestmark = pytest.mark.slow

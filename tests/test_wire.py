@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.protocol import FromWorker, NewRequest, StepBatch, StepOutput, StepResults, ToWorker
-from engine.sampling_params import SamplingParams
-from engine.wire import Decoder, Encoder, WireError
+from engine.contract.messages import FromWorker, NewRequest, StepBatch, StepOutput, StepResults, ToWorker
+from engine.contract.sampling_params import SamplingParams
+from engine.contract.wire import Decoder, Encoder, WireError
 
 
 def test_step_batch_roundtrip():

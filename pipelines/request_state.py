@@ -2,7 +2,8 @@
 
 The latents, the generator, the prompt embeddings and the request's own diffusers scheduler live
 here and never travel to the engine. `step_index` is advanced only by `step_scheduler` (the step
-contract), so the timestep a row uses is always `timesteps[step_index]`.
+contract), so the timestep a row uses is always `timesteps[step_index]`. A family that needs more
+per-request facts subclasses this with typed fields of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.protocol import NewRequest
+from engine.contract.messages import NewRequest
 
 
 @dataclass
@@ -29,7 +30,12 @@ class RequestState:
     # Rows that can share one transformer forward have equal batch keys (e.g. latent shape).
     batch_key: tuple = ()
     step_index: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The latents' shape for the whole run (a pipeline stage receiving them needs it up front).
+    latent_shape: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        shape = getattr(self.latents, "shape", None)  # multi-output models keep a tuple of tensors
+        self.latent_shape = tuple(shape) if shape is not None else ()
 
     @property
     def request_id(self) -> str:

@@ -15,7 +15,6 @@ engine stops the server with exit code 1.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import hmac
@@ -23,7 +22,6 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +30,10 @@ import zmq
 import zmq.asyncio
 
 from engine.async_engine import AsyncEngine
-from engine.service_address import check_bind_address, claim_ipc_path, default_address, load_server_keys
-from engine.service_protocol import (
+from engine.contract.errors import EngineDeadError
+from engine.contract.wire import Decoder, Encoder, WireError
+from engine.service.address import check_bind_address, claim_ipc_path, default_address, load_server_keys
+from engine.service.protocol import (
     MAX_CLIENT_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Abort,
@@ -52,8 +52,6 @@ from engine.service_protocol import (
     Welcome,
     to_wire,
 )
-from engine.wire import Decoder, Encoder, WireError
-from runner.executor import EngineDeadError
 
 log = logging.getLogger("stepweave.server")
 
@@ -376,58 +374,3 @@ class EngineServer:
             self._drop_session(identity, "client disconnected")
         else:
             log.warning("could not send to a client: %s", exc)
-
-
-# -- command line ----------------------------------------------------------------------------
-def _serve(args: argparse.Namespace) -> int:
-    from engine.config import ParallelConfig
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    address = args.address or default_address()
-    check_bind_address(address, args.auth_token)  # before loading anything
-    if args.curve_secret_key is not None:
-        load_server_keys(args.curve_secret_key)
-    if address.startswith("ipc://"):
-        claim_ipc_path(address)
-    log.info("starting engine for %s; will serve on %s", args.model, address)
-    parallel = ParallelConfig(cfg_parallel_size=args.cfg_parallel_size, pipeline_parallel_size=args.pp_size)
-    engine = AsyncEngine(
-        args.model,
-        max_num_seqs=args.max_num_seqs,
-        parallel_config=parallel,
-        executor=args.executor,
-        device=args.device,
-        max_waiting=args.max_waiting,
-    )
-    try:
-        server = EngineServer(
-            engine,
-            address,
-            auth_token=args.auth_token,
-            curve_secret_key=args.curve_secret_key,
-            client_timeout_s=args.client_timeout,
-            drain_timeout_s=args.drain_timeout,
-        )
-    except BaseException:
-        engine.shutdown()
-        raise
-    asyncio.run(server.serve())
-    return server.exit_code
-
-
-def add_serve_parser(commands) -> None:
-    from engine.cli import _add_engine_args
-
-    serve = commands.add_parser("serve", help="serve the engine to EngineClients over ZeroMQ")
-    _add_engine_args(serve)
-    serve.add_argument("--address", default=None, help=f"ipc://PATH or tcp://HOST:PORT (default {default_address()})")
-    serve.add_argument("--max-waiting", type=int, default=None, help="bound on queued requests; more are rejected as overloaded")
-    serve.add_argument(
-        "--auth-token",
-        default=os.environ.get("STEPWEAVE_AUTH_TOKEN"),
-        help="token clients must present (required for non-loopback tcp; default $STEPWEAVE_AUTH_TOKEN)",
-    )
-    serve.add_argument("--curve-secret-key", default=None, help="encrypt with CURVE using this secret certificate (from `stepweave keygen`)")
-    serve.add_argument("--client-timeout", type=float, default=15.0, help="seconds without a heartbeat before a client's requests are aborted")
-    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests before aborting them")
-    serve.set_defaults(func=_serve)

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import msgspec
 
-from engine.config import ParallelConfig
-from engine.outputs import RequestOutput
-from engine.protocol import NewRequest, StepBatch
-from engine.request import Request
-from engine.sampling_params import MAX_SEED, SamplingParams
-from engine.scheduler import StepScheduler
+from engine.contract.config import EngineConfig
+from engine.contract.messages import NewRequest, StepBatch
+from engine.contract.outputs import RequestOutput
+from engine.contract.request_fields import request_fields
+from engine.contract.sampling_params import MAX_SEED, SamplingParams
+from engine.core.request import Request
+from engine.core.scheduler import StepScheduler
 from pipelines.model_info import ModelInfo
+from pipelines.registry import family_path, served_families
 from runner.executor import Executor
 
 
@@ -41,52 +43,38 @@ class EngineStats:
         self.worker_idle_s += results.idle_s
 
 
-def make_executor(kind: str, model: str, parallel_config: ParallelConfig, device: str | None) -> Executor:
-    if kind == "inproc":
-        if parallel_config.world_size != 1:
-            raise ValueError("executor='inproc' runs a single rank; use executor='mp' for parallel workers")
+def make_executor(config: EngineConfig, family: str) -> Executor:
+    """The executor the config asks for; `family` ("module:Class") is what the workers load."""
+    if config.executor == "inproc":
         from runner.executor import InprocExecutor
 
-        return InprocExecutor(model, device=device)
-    if kind == "mp":
-        from runner.mp_executor import MultiprocExecutor
+        return InprocExecutor(config, family)
+    from runner.mp_executor import MultiprocExecutor
 
-        return MultiprocExecutor(model, parallel_config, device=device)
-    raise ValueError(f"executor must be 'inproc' or 'mp', got {kind!r}")
+    return MultiprocExecutor(config, family)
 
 
 class EngineCore:
-    def __init__(
-        self,
-        model: str = "tiny-qwen-image",
-        *,
-        max_num_seqs: int = 8,
-        parallel_config: ParallelConfig | None = None,
-        executor: str | Executor = "mp",
-        device: str | None = None,
-        max_waiting: int | None = None,
-        async_scheduling: bool | None = None,
-    ):
-        self.parallel_config = parallel_config or ParallelConfig()
-        self.parallel_config.validate()
-        self.model_info = ModelInfo.load(model)
-        pp_size = self.parallel_config.pipeline_parallel_size
-        if pp_size > 1 and self.model_info.family != "qwen-image":
-            raise ValueError(f"ParallelConfig.pipeline_parallel_size > 1 supports qwen-image models, not {self.model_info.family}")
-        self.parallel_config.validate_layers(self.model_info.num_layers)
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.model_info = ModelInfo.load(config.model)
+        # Workers load the directory the engine resolved, with the family the engine chose.
+        self.config = msgspec.structs.replace(config, model=str(self.model_info.path))
+        parallel, family = config.parallel_config, self.model_info.family
+        _check_supported(family, parallel)
+        parallel.validate_layers(self.model_info.num_layers)
+        pp_size = parallel.pipeline_parallel_size
+        async_scheduling = config.async_scheduling
         if async_scheduling is None:  # only a separate worker process can run ahead of the engine
-            async_scheduling = executor == "mp" and pp_size == 1
+            async_scheduling = config.executor == "mp" and pp_size == 1
         self.async_scheduling = async_scheduling
         self.scheduler = StepScheduler(
-            max_num_seqs,
+            config.max_num_seqs,
             max_batches_in_flight=pp_size if pp_size > 1 else (2 if async_scheduling else 1),
-            max_waiting=max_waiting,
+            max_waiting=config.max_waiting,
             overlap=async_scheduling and pp_size == 1,
         )
-        if isinstance(executor, Executor):
-            self.executor = executor
-        else:
-            self.executor = make_executor(executor, str(self.model_info.path), self.parallel_config, device)
+        self.executor = make_executor(self.config, family_path(family))
         self._ids = itertools.count()
         self._pending = 0  # batches submitted and not yet collected
         self.stats = EngineStats()
@@ -100,7 +88,7 @@ class EngineCore:
     ) -> Request:
         """Validate a prompt and its parameters into a Request (ValueError names the field)."""
         params, fields = request_fields(prompt, params)
-        self.model_info.validate(params, fields["prompt"], fields["negative_prompt"], fields["class_label"])
+        self.model_info.validate(params, fields)
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = Request(request_id=request_id, params=params, seed=seed, **fields)
@@ -159,24 +147,12 @@ def _check_sendable(request: Request) -> None:
         raise ValueError(f"request cannot be sent to the workers: {exc}") from None
 
 
-def request_fields(prompt: str | dict | None, params: SamplingParams | None) -> tuple[SamplingParams, dict]:
-    """The checks a request passes without the model: its params (defaults when None, each field
-    in range) and its prompt fields. Clients run them before sending; the engine again."""
-    params = params if params is not None else SamplingParams()
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-    params.validate()
-    return params, normalize_prompt(prompt)
-
-
-def normalize_prompt(prompt: str | dict | None) -> dict:
-    """A string, or a dict with prompt / negative_prompt / class_label -> the request's fields."""
-    allowed = ("prompt", "negative_prompt", "class_label")
-    if isinstance(prompt, str):
-        return {"prompt": prompt, "negative_prompt": None, "class_label": None}
-    if isinstance(prompt, dict):
-        unknown = sorted(set(prompt) - set(allowed))
-        if unknown:
-            raise ValueError(f"prompt dict has unknown key(s) {unknown}; allowed: {list(allowed)}")
-        return {key: prompt.get(key) for key in allowed}
-    raise ValueError(f"prompt must be a string or a dict with keys {list(allowed)}, got {type(prompt).__name__}")
+def _check_supported(family: type, parallel) -> None:
+    """A layout the model's family cannot run is refused before any worker starts."""
+    if parallel.pipeline_parallel_size > 1 and not family.supports_pipeline_parallel:
+        able = sorted(f.name for f in served_families() if f.supports_pipeline_parallel)
+        raise ValueError(
+            f"ParallelConfig.pipeline_parallel_size > 1 supports {', '.join(able)} models, not {family.name}"
+        )
+    if parallel.cfg_parallel_size > 1 and not family.supports_cfg_parallel:
+        raise ValueError(f"ParallelConfig.cfg_parallel_size > 1 is not supported by {family.name} models")

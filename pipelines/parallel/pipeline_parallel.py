@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runner.async_latents import AsyncLatents, resolve
+from pipelines.parallel.async_latents import AsyncLatents, resolve
 
 HIDDEN_TAG, LATENTS_TAG = 1, 2
 
@@ -31,14 +31,9 @@ class PipelineParallelMixin:
     pp_stage: int = 0
 
     def setup_pipeline_stage(self, position: Any, partition: list[int] | None) -> None:
-        """Keep only this stage's blocks and learn the neighbours' global ranks."""
-        blocks = self.transformer_blocks()
-        counts = partition or split_evenly(len(blocks), position.pp_size)
-        if sum(counts) != len(blocks) or any(c < 1 for c in counts):
-            raise ValueError(
-                f"ParallelConfig.pp_layer_partition must be {position.pp_size} positive counts summing to "
-                f"{len(blocks)} transformer blocks, got {counts}"
-            )
+        """Keep only this stage's blocks and learn the neighbours' global ranks. The engine has
+        checked the partition against the block count (ParallelConfig.validate_layers)."""
+        counts = partition or split_evenly(len(self.transformer_blocks()), position.pp_size)
         start = sum(counts[: position.pp_stage])
         self.keep_blocks(start, start + counts[position.pp_stage])
         self.pp_size, self.pp_stage = position.pp_size, position.pp_stage
@@ -53,8 +48,10 @@ class PipelineParallelMixin:
         self._pending_sends: list[Any] = []
 
     # -- implemented by pipelines that support PP ---------------------------------------------
+    supports_pipeline_parallel: bool = False
+
     def transformer_blocks(self) -> torch.nn.ModuleList:
-        raise ValueError(f"{type(self).__name__} does not support pipeline parallelism")
+        raise NotImplementedError
 
     def keep_blocks(self, start: int, end: int) -> None:
         raise NotImplementedError
@@ -99,17 +96,14 @@ class PipelineParallelMixin:
             # A CFG rank that owns no row of this request never touched its latents: complete
             # that receive before posting the next, or the unfinished one would be dropped.
             self.release(state)
-            shape = tuple(resolve_shape(state))
-            state.latents = AsyncLatents.receive(shape, self.dtype, self.device, src=self.pp_last, tag=LATENTS_TAG)
+            state.latents = AsyncLatents.receive(
+                state.latent_shape, self.dtype, self.device, src=self.pp_last, tag=LATENTS_TAG
+            )
 
     def release(self, state: Any) -> None:
         """Before dropping a request, complete any receive still posted for it."""
         if isinstance(state.latents, AsyncLatents):
             state.latents.wait()
-
-
-def resolve_shape(state: Any) -> tuple:
-    return tuple(state.extra["latent_shape"])
 
 
 class _KeepAlive:

@@ -37,17 +37,18 @@ class GridPosition:
         return self.cfg_rank == 0 and self.pp_stage == self.pp_size - 1
 
 
-def setup_parallel(pipeline: Any, config: Any) -> GridPosition:
-    """Join the process group and hand the pipeline its CFG group and pipeline stage."""
-    position = GridPosition.of(config.rank, config.cfg_parallel_size, config.pipeline_parallel_size)
+def setup_parallel(pipeline: Any, rank: int, parallel: Any, dist_address: str) -> GridPosition:
+    """Join the process group (rendezvous at `dist_address`, host:port) and hand the pipeline
+    its CFG group and pipeline stage. `parallel` is the engine's ParallelConfig."""
+    position = GridPosition.of(rank, parallel.cfg_parallel_size, parallel.pipeline_parallel_size)
     backend = "nccl" if pipeline.device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(pipeline.device)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{config.dist_address}",
-        rank=config.rank,
-        world_size=config.world_size,
+        init_method=f"tcp://{dist_address}",
+        rank=rank,
+        world_size=parallel.world_size,
         timeout=datetime.timedelta(seconds=120),
     )
     cfg_groups = []
@@ -59,6 +60,6 @@ def setup_parallel(pipeline: Any, config: Any) -> GridPosition:
         pipeline.cfg_rank = position.cfg_rank
         pipeline.cfg_world_size = position.cfg_size
     if position.pp_size > 1:
-        pipeline.setup_pipeline_stage(position, config.pp_layer_partition)
+        pipeline.setup_pipeline_stage(position, parallel.pp_layer_partition)
     pipeline.reports_results = position.reports_results
     return position

@@ -19,13 +19,14 @@ from typing import AsyncIterator, Sequence
 
 import msgspec
 
-from engine.client_connection import ClientStream, ServerConnection, ServerUnavailableError
-from engine.core import request_fields
-from engine.omni import pair_prompts, progress_bar
-from engine.outputs import RequestOutput, failed_output
-from engine.sampling_params import SamplingParams
-from engine.service_address import default_address, load_public_key
-from engine.service_protocol import Abort, ClientMessage, Generate, Ping, StateQuery, StateReply
+from engine.contract.errors import ServerUnavailableError
+from engine.contract.outputs import RequestOutput, failed_output
+from engine.contract.request_fields import pair_prompts, request_fields
+from engine.contract.sampling_params import SamplingParams
+from engine.progress import progress_bar
+from engine.service.address import default_address, load_public_key
+from engine.service.connection import ClientStream, ServerConnection
+from engine.service.protocol import Abort, ClientMessage, Generate, Ping, StateQuery, StateReply
 
 __all__ = ["AsyncEngineClient", "EngineClient", "ServerUnavailableError"]
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from engine.outputs import RequestMetrics, RequestOutput, to_images
-from engine.protocol import StepBatch, StepResults
-from engine.request import Request, RequestStatus
+from engine.contract.errors import OverloadedError
+from engine.contract.messages import StepBatch, StepResults
+from engine.contract.outputs import RequestMetrics, RequestOutput, to_images
+from engine.core.request import Request, RequestStatus
 
 
 class StepScheduler:
@@ -29,8 +30,6 @@ class StepScheduler:
         max_waiting: int | None = None,
         overlap: bool = False,
     ):
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self.max_num_seqs = max_num_seqs
         self.max_batches_in_flight = max_batches_in_flight
         self.max_waiting = max_waiting
@@ -79,9 +78,6 @@ class StepScheduler:
     def has_work(self) -> bool:
         """Requests to step, or worker state still to drop."""
         return bool(self.waiting or self.running or self._drop)
-
-    def can_schedule(self) -> bool:
-        return len(self.in_flight) < self.max_batches_in_flight and self.has_unfinished()
 
     def schedule(self, now: float | None = None) -> StepBatch | None:
         """The next step batch, or None when there is nothing to run (or too much in flight)."""
@@ -172,7 +168,3 @@ class StepScheduler:
             seed=request.seed,
             metrics=metrics,
         )
-
-
-class OverloadedError(RuntimeError):
-    """The waiting queue is full; the request was not accepted."""

@@ -10,8 +10,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.protocol import NewRequest
-from engine.sampling_params import SamplingParams
+from engine.contract.messages import NewRequest
+from engine.contract.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -52,7 +52,3 @@ class Request:
             class_label=self.class_label,
             seed=self.seed,
         )
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status in (RequestStatus.FINISHED, RequestStatus.FAILED, RequestStatus.ABORTED)

@@ -20,9 +20,11 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from engine.async_engine import RequestStream
-from engine.outputs import failed_output, to_images
-from engine.service_protocol import (
+from engine.contract.errors import EngineDeadError, ServerUnavailableError
+from engine.contract.outputs import failed_output, to_images
+from engine.contract.wire import Decoder, Encoder, WireError
+from engine.request_stream import RequestStream
+from engine.service.protocol import (
     PROTOCOL_VERSION,
     Error,
     Goodbye,
@@ -36,17 +38,11 @@ from engine.service_protocol import (
     Welcome,
     from_wire,
 )
-from engine.wire import Decoder, Encoder, WireError
-from runner.executor import EngineDeadError
 
 log = logging.getLogger("stepweave.client")
 
 HEARTBEAT_S = 1.0
 HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-
-
-class ServerUnavailableError(EngineDeadError):
-    """The server cannot be reached, refused this client, stopped answering or is shutting down."""
 
 
 class ClientStream(RequestStream):

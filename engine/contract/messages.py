@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from engine.sampling_params import SamplingParams
+from engine.contract.sampling_params import SamplingParams
 
 
 class NewRequest(msgspec.Struct, kw_only=True, omit_defaults=True):

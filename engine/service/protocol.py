@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.outputs import RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.contract.outputs import RequestMetrics, RequestOutput
+from engine.contract.sampling_params import SamplingParams
 
 # Bump on any change to these Structs that an older peer could misread.
 PROTOCOL_VERSION = 1

@@ -1,24 +1,24 @@
 """Classifier-free guidance: the single path every pipeline's noise prediction goes through.
 
 A pipeline only says how to run one transformer forward over a list of rows (`forward_rows`,
-each row being a request and one of its CFG branches). This mixin decides which rows run here,
-combines the branches per request and steps each request's own scheduler. Sequential CFG runs
-all branches of all requests in one forward; CFG-parallel runs branch i on CFG rank i % M and
-all-gathers, then every rank combines and steps its own scheduler copy, so ranks never need a
-broadcast.
+each row being a request and one of its CFG branches). This mixin decides which rows run here
+and combines the branches per request. Sequential CFG runs all branches of all requests in one
+forward; CFG-parallel runs branch i on CFG rank i % M and all-gathers, then every rank combines
+(and later steps its own scheduler copy), so ranks never need a broadcast.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from runner.request_state import RequestState
+from pipelines.parallel.cfg_parallel import evaluate_rows_across_ranks
 
-Row = tuple[RequestState, int]  # (request, CFG branch index; 0 is the positive branch)
+if TYPE_CHECKING:  # the step contract's state; this layer only reads its documented fields
+    from pipelines.request_state import RequestState
+
+Row = tuple["RequestState", int]  # (request, CFG branch index; 0 is the positive branch)
 
 
 class CFGParallelMixin:
@@ -37,30 +37,25 @@ class CFGParallelMixin:
         raise NotImplementedError
 
     # -- noise prediction --------------------------------------------------------------------
-    def predict_noise_maybe_with_cfg(self, states: Sequence[RequestState]) -> list[Any]:
-        """One noise prediction per request; requests with one branch skip CFG entirely."""
-        return self.predict_noise_with_multi_branch_cfg(states)
-
-    def predict_noise_with_multi_branch_cfg(self, states: Sequence[RequestState]) -> list[Any]:
-        """Run every branch of every request (branch i on CFG rank i % world) and combine."""
+    def predict_noise(self, states: Sequence[RequestState]) -> list[Any] | None:
+        """One noise prediction per request: every branch of every request runs (branch i on
+        CFG rank i % world) and is combined; a request with one branch skips CFG. None on a
+        pipeline stage that only passes hidden states on."""
         max_branches = max(s.num_branches for s in states)
         rows = [(s, b) for b in range(max_branches) for s in states if b < s.num_branches]
         predictions = self._evaluate_rows(rows)
-        if predictions is None:  # an earlier pipeline stage sent its rows on
+        if predictions is None:
             return None
         per_request: dict[str, list[Any]] = {s.request_id: [] for s in states}
-        for (state, _), prediction in zip(rows, predictions):
+        for (state, _), prediction in zip(rows, predictions, strict=True):
             per_request[state.request_id].append(self._slice(prediction))
         return [self._combine(state, per_request[state.request_id]) for state in states]
 
     def _evaluate_rows(self, rows: list[Row]) -> list[Any] | None:
-        """Predictions for `rows`, in order, each with a leading batch dim of 1 (None on a
-        pipeline stage that only passes hidden states on)."""
+        """Predictions for `rows`, in order, each with a leading batch dim of 1."""
         if self.cfg_world_size == 1:
             predictions = self.forward_rows(rows)
             return None if predictions is None else _split_rows(predictions, len(rows))
-        from runner.cfg_parallel import evaluate_rows_across_ranks
-
         return evaluate_rows_across_ranks(self, rows)
 
     def _slice(self, prediction: Any) -> Any:
@@ -97,29 +92,9 @@ class CFGParallelMixin:
         """Models with three or more CFG branches define how they mix."""
         raise NotImplementedError(f"{type(self).__name__} does not define a {len(branches)}-branch CFG combination")
 
-    # -- scheduler step ----------------------------------------------------------------------
-    def scheduler_step_maybe_with_cfg(
-        self,
-        noise_pred: Any,
-        timestep: torch.Tensor,
-        latents: Any,
-        *,
-        per_request_scheduler: Any,
-        generator: torch.Generator | None = None,
-    ) -> Any:
-        """Step the request's own scheduler. Every CFG rank does this locally with identically
-        seeded generators, so the ranks stay equal without a broadcast."""
-        kwargs = {"generator": generator} if _accepts_generator(type(per_request_scheduler)) else {}
-        return per_request_scheduler.step(noise_pred, timestep, latents, return_dict=False, **kwargs)[0]
-
 
 def _split_rows(predictions: Any, count: int) -> list[Any]:
     if isinstance(predictions, tuple):
         parts = [p.split(1) for p in predictions]
         return [tuple(part[i] for part in parts) for i in range(count)]
     return list(predictions.split(1))
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts_generator(scheduler_cls: type) -> bool:
-    return "generator" in inspect.signature(scheduler_cls.step).parameters

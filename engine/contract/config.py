@@ -1,0 +1,122 @@
+"""How an engine is set up: one `EngineConfig`, validated once, with the worker grid inside.
+
+`Omni`, `AsyncEngine`, `EngineCore`, the server and the CLI all take the same object, and the
+workers receive it whole, so an option is declared, checked and documented in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+EXECUTORS = ("mp", "inproc")
+MAX_RANKS_PER_AXIS = 16
+MAX_NUM_SEQS = 4096
+
+
+class ParallelConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A grid of cfg_parallel_size x pipeline_parallel_size worker ranks."""
+
+    cfg_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Transformer blocks per pipeline stage; None splits them evenly.
+    pp_layer_partition: list[int] | None = None
+
+    def validate(self) -> None:
+        for name in ("cfg_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANKS_PER_AXIS:
+                raise ValueError(
+                    f"ParallelConfig.{name} must be an integer in [1, {MAX_RANKS_PER_AXIS}], got {value!r}"
+                )
+        if self.pp_layer_partition is not None:
+            parts = self.pp_layer_partition
+            if len(parts) != self.pipeline_parallel_size or any(not isinstance(p, int) or p < 1 for p in parts):
+                raise ValueError(
+                    "ParallelConfig.pp_layer_partition must list one positive block count per pipeline stage "
+                    f"({self.pipeline_parallel_size}), got {parts!r}"
+                )
+
+    def validate_layers(self, num_layers: int) -> None:
+        """Every stage needs at least one block, and a partition must cover all of them."""
+        stages = self.pipeline_parallel_size
+        if stages > 1 and num_layers < stages:
+            raise ValueError(
+                f"ParallelConfig.pipeline_parallel_size must be in [1, {num_layers}] for a {num_layers}-block "
+                f"transformer, got {stages}"
+            )
+        parts = self.pp_layer_partition
+        if parts is not None and sum(parts) != num_layers:
+            raise ValueError(
+                f"ParallelConfig.pp_layer_partition must sum to the transformer's {num_layers} blocks, "
+                f"got {parts} (sum {sum(parts)})"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg_parallel_size * self.pipeline_parallel_size
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Everything that fixes an engine for its lifetime (per-request choices are SamplingParams)."""
+
+    # A preset name or a diffusers directory; the family comes from its model_index.json.
+    model: str = "tiny-qwen-image"
+    # Requests that step together (the running set's cap).
+    max_num_seqs: int = 8
+    parallel_config: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
+    # "mp": worker processes over ZeroMQ; "inproc": the model runs in the caller's process.
+    executor: str = "mp"
+    # "cpu", "cuda" or "cuda:N"; None picks cuda when available.
+    device: str | None = None
+    # Bound on queued requests; more are rejected as overloaded. None: unbounded.
+    max_waiting: int | None = None
+    # Send step k+1 before step k's results are back. None: on wherever it can help (worker
+    # processes without pipeline parallelism).
+    async_scheduling: bool | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what it accepts."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"EngineConfig.model must be a preset name or a model directory, got {self.model!r}")
+        _int_at_least("max_num_seqs", self.max_num_seqs, 1, MAX_NUM_SEQS)
+        if not isinstance(self.parallel_config, ParallelConfig):
+            raise ValueError(
+                f"EngineConfig.parallel_config must be a ParallelConfig, got {type(self.parallel_config).__name__}"
+            )
+        self.parallel_config.validate()
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"EngineConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.executor == "inproc" and self.parallel_config.world_size != 1:
+            raise ValueError("executor='inproc' runs a single rank; use executor='mp' for parallel workers")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"EngineConfig.device must be null, 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.max_waiting is not None:
+            _int_at_least("max_waiting", self.max_waiting, 0, 1 << 30)
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"EngineConfig.async_scheduling must be true, false or null, got {self.async_scheduling!r}")
+
+    @classmethod
+    def of(cls, model: str | EngineConfig | None = None, **options: Any) -> EngineConfig:
+        """The front doors' constructor: `Omni("tiny-qwen-image", max_num_seqs=4)` or
+        `Omni(EngineConfig(...))`, options overriding the given config; validated."""
+        if isinstance(model, EngineConfig):
+            config = msgspec.structs.replace(model, **options) if options else model
+        else:
+            fields = set(cls.__struct_fields__)
+            unknown = sorted(set(options) - fields)
+            if unknown:
+                raise TypeError(f"unknown engine option(s) {unknown}; EngineConfig has {sorted(fields)}")
+            if model is not None:
+                options["model"] = str(model)
+            config = cls(**options)
+        if config.parallel_config is None:
+            config = msgspec.structs.replace(config, parallel_config=ParallelConfig())
+        config.validate()
+        return config
+
+
+def _int_at_least(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"EngineConfig.{name} must be an integer in [{low}, {high}], got {value!r}")
