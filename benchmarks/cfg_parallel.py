@@ -39,14 +39,17 @@ def main(argv=None) -> dict:
         "systems": systems,
         "throughput_ratio": systems["cfg-2"]["throughput_rps"] / systems["cfg-1"]["throughput_rps"],
         "latency_ratio": systems["cfg-1"]["mean_latency_s"] / systems["cfg-2"]["mean_latency_s"],
-        "single_request_speedup": systems["cfg-1"]["single_request_latency_s"] / systems["cfg-2"]["single_request_latency_s"],
+        "single_request_speedup": systems["cfg-1"]["single_request_latency_s"]
+        / systems["cfg-2"]["single_request_latency_s"],
         "limit_single_request": limit_single,
         "limit_batch": limit_batch,
         "config": vars(args),
     }
     print("| system | req/s | mean latency s | single request s |\n|---|---|---|---|")
     for name, s in systems.items():
-        print(f"| {name} | {s['throughput_rps']:.3f} | {s['mean_latency_s']:.2f} | {s['single_request_latency_s']:.2f} |")
+        print(
+            f"| {name} | {s['throughput_rps']:.3f} | {s['mean_latency_s']:.2f} | {s['single_request_latency_s']:.2f} |"
+        )
     print(
         f"cfg-2 / cfg-1: throughput x{report['throughput_ratio']:.2f}, mean latency x{report['latency_ratio']:.2f}, "
         f"single request x{report['single_request_speedup']:.2f}; limit x{limit_batch:.2f} (batch {n}), "

@@ -29,8 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _start_server(args, address: str, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "engine.cli", "serve", "--model", args.model, "--executor", "inproc",
-               "--address", address, "--max-num-seqs", str(args.max_num_seqs)]
+    command = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--executor",
+        "inproc",
+        "--address",
+        address,
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     with open(log_path, "wb") as log:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -145,10 +157,14 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|")
     print(f"| embedded AsyncEngine | {r['embedded_p50_ms']:.2f} | {r['embedded_p90_ms']:.2f} | — |")
     for name, label in (("async_client", "AsyncEngineClient -> server"), ("sync_client", "EngineClient -> server")):
-        print(f"| {label} | {r[f'{name}_p50_ms']:.2f} | {r[f'{name}_p90_ms']:.2f} | {r[f'{name}_overhead_ms']:+.2f} ms (x{r[f'{name}_ratio']:.2f}) |")
+        p50, p90 = r[f"{name}_p50_ms"], r[f"{name}_p90_ms"]
+        overhead, ratio = r[f"{name}_overhead_ms"], r[f"{name}_ratio"]
+        print(f"| {label} | {p50:.2f} | {p90:.2f} | {overhead:+.2f} ms (x{ratio:.2f}) |")
     print(f"| burst of {args.burst}, embedded | {r['embedded_burst_per_request_ms']:.2f} | | — |")
-    print(f"| burst of {args.burst}, AsyncEngineClient | {r['client_burst_per_request_ms']:.2f} | | "
-          f"{r['client_burst_overhead_ms']:+.2f} ms (x{r['client_burst_ratio']:.2f}) |")
+    print(
+        f"| burst of {args.burst}, AsyncEngineClient | {r['client_burst_per_request_ms']:.2f} | | "
+        f"{r['client_burst_overhead_ms']:+.2f} ms (x{r['client_burst_ratio']:.2f}) |"
+    )
     report = {"results": r, "config": vars(args)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
@@ -166,7 +182,9 @@ def _plot(r: dict, args, path: str) -> None:
 
     fig, (seq, burst) = plt.subplots(1, 2, figsize=(9, 3.5))
     labels = ["embedded\nAsyncEngine", "AsyncEngine\nClient", "EngineClient"]
-    seq.bar(labels, [r["embedded_p50_ms"], r["async_client_p50_ms"], r["sync_client_p50_ms"]], color=["grey", "C0", "C1"])
+    seq.bar(
+        labels, [r["embedded_p50_ms"], r["async_client_p50_ms"], r["sync_client_p50_ms"]], color=["grey", "C0", "C1"]
+    )
     seq.set_ylabel("p50 latency per request (ms)")
     seq.set_title("one request at a time")
     burst.bar(labels[:2], [r["embedded_burst_per_request_ms"], r["client_burst_per_request_ms"]], color=["grey", "C0"])

@@ -17,7 +17,12 @@ def _inputs(pipeline, rows: int):
     from engine.contract.messages import NewRequest
     from engine.contract.sampling_params import SamplingParams
 
-    request = NewRequest(request_id="probe", params=SamplingParams(num_inference_steps=4), prompt="a probe prompt for timing", negative_prompt="blurry")
+    request = NewRequest(
+        request_id="probe",
+        params=SamplingParams(num_inference_steps=4),
+        prompt="a probe prompt for timing",
+        negative_prompt="blurry",
+    )
     state = pipeline.prepare_encode(request)
     return [(state, i % state.num_branches) for i in range(rows)]
 
@@ -60,7 +65,9 @@ def concurrent_forward_seconds(model: str, rows: int, processes: int, threads: i
     """Median forward time over `rows` rows while `processes` processes run forwards at once."""
     spawn = multiprocessing.get_context("spawn")
     barrier, queue = spawn.Barrier(processes), spawn.Queue()
-    procs = [spawn.Process(target=_worker, args=(model, rows, threads, repeats, barrier, queue)) for _ in range(processes)]
+    procs = [
+        spawn.Process(target=_worker, args=(model, rows, threads, repeats, barrier, queue)) for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=600) for _ in procs]

@@ -45,7 +45,13 @@ def measure(model: str, short: int, long: int, repeats: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
 
     def direct(steps):
-        pipe(prompt=prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np", **size)
+        pipe(
+            prompt=prompt,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **size,
+        )
 
     result = {"model": model, "direct_step_us": _slope(direct, short, long, repeats) * 1e6}
     for name, kwargs in (
@@ -80,7 +86,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = [measure(m, args.short, args.long, args.repeats) for m in args.models]
-    print("| model | diffusers µs/step | inproc µs/step (overhead) | mp µs/step (overhead) | mp worker idle µs/step async / sync |")
+    print(
+        "| model | diffusers µs/step | inproc µs/step (overhead) | mp µs/step (overhead) "
+        "| mp worker idle µs/step async / sync |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         print(

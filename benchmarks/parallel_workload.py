@@ -20,9 +20,19 @@ def serve(model: str, parallel_config, num_requests: int, steps: int, threads_pe
 
     torch.set_num_threads(threads_per_worker * parallel_config.world_size)
     info = ModelInfo.load(model)
-    prompts = [{"prompt": f"a lighthouse on a cliff, variant {i}", "negative_prompt": "blurry, low quality"} for i in range(num_requests)]
-    params = [SamplingParams(num_inference_steps=steps, seed=i, output_type="np", height=info.default_height, width=info.default_width) for i in range(num_requests)]
-    with Omni(str(info.path), max_num_seqs=max(num_requests, 1), parallel_config=parallel_config, executor="mp") as omni:
+    prompts = [
+        {"prompt": f"a lighthouse on a cliff, variant {i}", "negative_prompt": "blurry, low quality"}
+        for i in range(num_requests)
+    ]
+    params = [
+        SamplingParams(
+            num_inference_steps=steps, seed=i, output_type="np", height=info.default_height, width=info.default_width
+        )
+        for i in range(num_requests)
+    ]
+    with Omni(
+        str(info.path), max_num_seqs=max(num_requests, 1), parallel_config=parallel_config, executor="mp"
+    ) as omni:
         omni.generate(prompts[:1], SamplingParams(num_inference_steps=2, output_type="np"), use_tqdm=False)  # warm-up
         t0 = time.perf_counter()
         outputs = omni.generate(prompts, params, use_tqdm=False)
@@ -30,7 +40,9 @@ def serve(model: str, parallel_config, num_requests: int, steps: int, threads_pe
         t1 = time.perf_counter()
         omni.generate(prompts[:1], params[:1], use_tqdm=False)
         single = time.perf_counter() - t1
-        stage_parameters = {rank: i["transformer_parameters"] for rank, i in sorted(omni.core.executor.worker_info.items())}
+        stage_parameters = {
+            rank: i["transformer_parameters"] for rank, i in sorted(omni.core.executor.worker_info.items())
+        }
     errors = [o.error for o in outputs if o.error]
     if errors:
         raise RuntimeError(f"benchmark requests failed: {errors[:3]}")

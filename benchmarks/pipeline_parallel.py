@@ -36,14 +36,17 @@ def main(argv=None) -> dict:
     report = {
         "systems": systems,
         "throughput_ratio": systems["pp-2"]["throughput_rps"] / systems["pp-1"]["throughput_rps"],
-        "single_request_latency_ratio": systems["pp-2"]["single_request_latency_s"] / systems["pp-1"]["single_request_latency_s"],
+        "single_request_latency_ratio": systems["pp-2"]["single_request_latency_s"]
+        / systems["pp-1"]["single_request_latency_s"],
         "limit": limit,
         "stage_parameters": systems["pp-2"]["worker_parameters"],
         "config": vars(args),
     }
     print("| system | req/s | mean latency s | single request s |\n|---|---|---|---|")
     for name, s in systems.items():
-        print(f"| {name} | {s['throughput_rps']:.3f} | {s['mean_latency_s']:.2f} | {s['single_request_latency_s']:.2f} |")
+        print(
+            f"| {name} | {s['throughput_rps']:.3f} | {s['mean_latency_s']:.2f} | {s['single_request_latency_s']:.2f} |"
+        )
     print(
         f"pp-2 / pp-1: throughput x{report['throughput_ratio']:.2f} (limit x{limit:.2f}), single-request latency "
         f"x{report['single_request_latency_ratio']:.2f}; parameters per stage {report['stage_parameters']}"

@@ -27,7 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PROMPTS = ["a lighthouse on a cliff at dusk", "an old map of a harbour town", "a red fox in fresh snow", "a glass teapot on a wooden table", "a steam train crossing a stone bridge", "a field of sunflowers under a storm"]
+PROMPTS = [
+    "a lighthouse on a cliff at dusk",
+    "an old map of a harbour town",
+    "a red fox in fresh snow",
+    "a glass teapot on a wooden table",
+    "a steam train crossing a stone bridge",
+    "a field of sunflowers under a storm",
+]
 NEGATIVES = ["blurry", "low quality, jpeg artifacts", "dark, noisy"]
 CFG_SCALE = 4.0
 
@@ -101,14 +108,26 @@ async def _serve_stepweave(engine, specs: list[Spec], size) -> list[Done]:
     async def one(spec: Spec) -> Done:
         await asyncio.sleep(max(0.0, spec.arrival - (time.perf_counter() - start)))
         arrival = time.perf_counter() - start
-        params = SamplingParams(num_inference_steps=spec.steps, true_cfg_scale=CFG_SCALE, seed=spec.seed, height=size[0], width=size[1], output_type="np")
+        params = SamplingParams(
+            num_inference_steps=spec.steps,
+            true_cfg_scale=CFG_SCALE,
+            seed=spec.seed,
+            height=size[0],
+            width=size[1],
+            output_type="np",
+        )
         final = None
         async for final in engine.generate({"prompt": spec.prompt, "negative_prompt": spec.negative}, params):
             pass
         if final.error:
             raise RuntimeError(final.error)
         finish = time.perf_counter() - start
-        return Done(spec.arrival, spec.arrival + (final.metrics.queue_time_s or 0.0), spec.arrival + (finish - arrival), spec.steps)
+        return Done(
+            spec.arrival,
+            spec.arrival + (final.metrics.queue_time_s or 0.0),
+            spec.arrival + (finish - arrival),
+            spec.steps,
+        )
 
     return await asyncio.gather(*(one(s) for s in specs))
 
@@ -221,7 +240,11 @@ def main(argv=None) -> dict:
         "systems": systems,
         "batch_compute_limit": limit,
         "efficiency": {name: s["throughput_rps"] / base / limit for name, s in systems.items()},
-        "config": {**vars(args), "sequential_service_s": service, "batch_compute_limit_rows": f"2 rows (CFG) per request, batch {widest}"},
+        "config": {
+            **vars(args),
+            "sequential_service_s": service,
+            "batch_compute_limit_rows": f"2 rows (CFG) per request, batch {widest}",
+        },
     }
     print("| system | req/s | x sequential | steps/s | p50 s | p99 s | mean queue s | batch occupancy | efficiency |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -19,7 +19,9 @@ def _script() -> Path:
 def _run(args: argparse.Namespace) -> int:
     script = _script()
     if not script.is_file():
-        print(f"error: {script} not found; `stepweave bench` needs a source checkout (pip install -e .)", file=sys.stderr)
+        print(
+            f"error: {script} not found; `stepweave bench` needs a source checkout (pip install -e .)", file=sys.stderr
+        )
         return 2
     saved = sys.argv
     sys.argv = [str(script), *args.bench_args]

@@ -67,4 +67,3 @@ class Omni:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-

@@ -83,7 +83,9 @@ class QwenImageStepPipeline(StepPipeline):
 
         generator = self.new_generator(request)
         channels = pipe.transformer.config.in_channels // 4
-        latents = pipe.prepare_latents(1, channels, height, width, branch_inputs[0]["embeds"].dtype, self.device, generator)
+        latents = pipe.prepare_latents(
+            1, channels, height, width, branch_inputs[0]["embeds"].dtype, self.device, generator
+        )
         scheduler = self.new_scheduler(request)
         set_flow_timesteps(scheduler, params.num_inference_steps, image_seq_len=latents.shape[1], device=self.device)
         scheduler.set_begin_index(0)
@@ -133,8 +135,12 @@ class QwenImageStepPipeline(StepPipeline):
 
     def keep_blocks(self, start: int, end: int) -> None:
         transformer = self.pipe.transformer
-        if getattr(transformer.config, "zero_cond_t", False) or getattr(transformer.config, "use_additional_t_cond", False):
-            raise ValueError("pipeline parallelism does not support zero_cond_t / additional_t_cond Qwen-Image variants")
+        if getattr(transformer.config, "zero_cond_t", False) or getattr(
+            transformer.config, "use_additional_t_cond", False
+        ):
+            raise ValueError(
+                "pipeline parallelism does not support zero_cond_t / additional_t_cond Qwen-Image variants"
+            )
         transformer.transformer_blocks = torch.nn.ModuleList(list(transformer.transformer_blocks)[start:end])
 
     def _stage_forward(self, rows: Sequence[Row]) -> torch.Tensor | None:

@@ -42,13 +42,20 @@ def allowed_scheduler_names(base_class_name: str, flow: bool) -> list[str]:
     return sorted(n for n in names if isinstance(getattr(diffusers, n, None), type))
 
 
-def check_scheduler(base_config: dict[str, Any], name: str | None, overrides: dict[str, Any] | None, flow: bool) -> None:
+def check_scheduler(
+    base_config: dict[str, Any], name: str | None, overrides: dict[str, Any] | None, flow: bool
+) -> None:
     """Raise ValueError unless the choice works with this model (cached, no copy)."""
     _checked_template(*_key(base_config, name, overrides, flow))
 
 
 def check_schedule(
-    base_config: dict[str, Any], name: str | None, overrides: dict[str, Any] | None, flow: bool, steps: int, image_seq_len: int
+    base_config: dict[str, Any],
+    name: str | None,
+    overrides: dict[str, Any] | None,
+    flow: bool,
+    steps: int,
+    image_seq_len: int,
 ) -> None:
     """Raise ValueError when this many steps give a broken schedule (e.g. a one-step flow
     schedule with a terminal shift divides by zero, in diffusers too)."""
@@ -56,7 +63,9 @@ def check_schedule(
 
 
 @functools.lru_cache(maxsize=1024)
-def _checked_schedule(base_json: str, name: str | None, overrides_json: str, flow: bool, steps: int, image_seq_len: int) -> None:
+def _checked_schedule(
+    base_json: str, name: str | None, overrides_json: str, flow: bool, steps: int, image_seq_len: int
+) -> None:
     import torch
 
     scheduler = copy.deepcopy(_checked_template(base_json, name, overrides_json, flow))
@@ -118,7 +127,9 @@ def _checked_template(base_json: str, name: str | None, overrides_json: str, flo
         else:
             trial.set_timesteps(2)
     except Exception as exc:  # the class or its options do not fit this model
-        raise ValueError(f"SamplingParams.scheduler: {name} with {options or 'default options'} does not work with this model: {exc}") from exc
+        raise ValueError(
+            f"SamplingParams.scheduler: {name} with {options or 'default options'} does not work with this model: {exc}"
+        ) from exc
     return scheduler
 
 

@@ -47,7 +47,15 @@ class ModelRunner:
         for request_id in batch.cached:
             state = self.states.get(request_id)
             if state is None:
-                outputs.append(StepOutput(request_id=request_id, step=0, num_steps=0, finished=True, error="worker holds no state for this request"))
+                outputs.append(
+                    StepOutput(
+                        request_id=request_id,
+                        step=0,
+                        num_steps=0,
+                        finished=True,
+                        error="worker holds no state for this request",
+                    )
+                )
             else:
                 active.append(state)
         groups: dict[tuple, list[RequestState]] = {}
@@ -100,7 +108,15 @@ class ModelRunner:
         outputs = []
         for state, image in zip(states, images):
             del self.states[state.request_id]
-            outputs.append(StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps, finished=True, image=image))
+            outputs.append(
+                StepOutput(
+                    request_id=state.request_id,
+                    step=state.step_index,
+                    num_steps=state.num_steps,
+                    finished=True,
+                    image=image,
+                )
+            )
         return outputs
 
     def _fail(self, state: RequestState, exc: BaseException) -> StepOutput:

@@ -86,7 +86,9 @@ class MultiprocExecutor(Executor):
             self.processes.append(WorkerProcess(worker))
         self._encoder = Encoder()
         self._decoder = Decoder(FromWorker, max_frames=1 << 20)  # trusted peers: one frame per finished image
-        self._finalizer = weakref.finalize(self, _shutdown, self._context, self._batch_sockets, self.processes, self._dir)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._context, self._batch_sockets, self.processes, self._dir
+        )
         try:
             self._wait_ready(startup_timeout_s)
         except BaseException:
@@ -240,4 +242,3 @@ def _shutdown(context, batch_sockets, processes, directory) -> None:
         os.rmdir(directory)
     except OSError:
         pass
-

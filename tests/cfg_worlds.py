@@ -24,8 +24,14 @@ SIDE, CHANNELS, AUDIO = 8, 4, 16
 def tiny_dit() -> DiTTransformer2DModel:
     torch.manual_seed(0)
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=CHANNELS, out_channels=2 * CHANNELS,
-        num_layers=1, sample_size=SIDE, patch_size=2, num_embeds_ada_norm=10,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=CHANNELS,
+        out_channels=2 * CHANNELS,
+        num_layers=1,
+        sample_size=SIDE,
+        patch_size=2,
+        num_embeds_ada_norm=10,
     ).eval()
 
 
@@ -99,12 +105,22 @@ def make_states(kind: str, steps: int = 3) -> list[RequestState]:
             latents = torch.randn(1, CHANNELS, SIDE, SIDE, generator=generator)
         else:
             scheduler = CompositeScheduler(steps)
-            latents = (torch.randn(1, CHANNELS, SIDE, SIDE, generator=generator), torch.randn(1, AUDIO, generator=generator))
+            latents = (
+                torch.randn(1, CHANNELS, SIDE, SIDE, generator=generator),
+                torch.randn(1, AUDIO, generator=generator),
+            )
         request = NewRequest(request_id=f"r{i}", params=SamplingParams(num_inference_steps=steps), seed=100 + i)
-        states.append(RequestState(
-            request=request, generator=generator, scheduler=scheduler, timesteps=scheduler.timesteps,
-            latents=latents, branch_inputs=[{"label": b} for b in branches], cfg_scale=2.0 + i,
-        ))
+        states.append(
+            RequestState(
+                request=request,
+                generator=generator,
+                scheduler=scheduler,
+                timesteps=scheduler.timesteps,
+                latents=latents,
+                branch_inputs=[{"label": b} for b in branches],
+                cfg_scale=2.0 + i,
+            )
+        )
     return states
 
 

@@ -34,8 +34,19 @@ class ServerProcess:
         self.address = address or f"ipc://{self.dir}/engine.sock"
         self.log_path = Path(self.dir) / "server.log"
         self._log_file = open(self.log_path, "wb")
-        command = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model), "--executor", executor,
-                   "--address", self.address, *args]
+        command = [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--executor",
+            executor,
+            "--address",
+            self.address,
+            *args,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
 

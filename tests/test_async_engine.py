@@ -16,10 +16,25 @@ pytestmark = pytest.mark.slow
 
 CASES = [
     # (delay_s, prompt, params)
-    (0.0, {"prompt": "a red fox", "negative_prompt": "blurry"}, SamplingParams(num_inference_steps=6, seed=1, output_type="np")),
+    (
+        0.0,
+        {"prompt": "a red fox", "negative_prompt": "blurry"},
+        SamplingParams(num_inference_steps=6, seed=1, output_type="np"),
+    ),
     (0.05, {"prompt": "a harbour town at night"}, SamplingParams(num_inference_steps=4, seed=2, output_type="np")),
-    (0.1, {"prompt": "a tower", "negative_prompt": "fog"},
-     SamplingParams(num_inference_steps=5, true_cfg_scale=2.0, seed=3, scheduler="UniPCMultistepScheduler", height=32, width=64, output_type="np")),
+    (
+        0.1,
+        {"prompt": "a tower", "negative_prompt": "fog"},
+        SamplingParams(
+            num_inference_steps=5,
+            true_cfg_scale=2.0,
+            seed=3,
+            scheduler="UniPCMultistepScheduler",
+            height=32,
+            width=64,
+            output_type="np",
+        ),
+    ),
     (0.2, {"prompt": "a small boat"}, SamplingParams(num_inference_steps=3, seed=4, output_type="np")),
 ]
 
@@ -117,7 +132,9 @@ async def test_killed_worker_fails_requests_fast_and_fresh_engine_works(qwen_dir
         engine.shutdown()
     fresh = AsyncEngine(model=str(qwen_dir), executor="mp")
     try:
-        outputs = [o async for o in fresh.generate("alive again", SamplingParams(num_inference_steps=2, output_type="np"))]
+        outputs = [
+            o async for o in fresh.generate("alive again", SamplingParams(num_inference_steps=2, output_type="np"))
+        ]
         assert outputs[-1].error is None and outputs[-1].images.shape[0] == 1
     finally:
         fresh.shutdown()

@@ -9,15 +9,44 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SYSTEM_KEYS = {"throughput_rps", "steps_per_s", "mean_latency_s", "p50_latency_s", "p99_latency_s", "mean_queue_s", "mean_batch_occupancy"}
+SYSTEM_KEYS = {
+    "throughput_rps",
+    "steps_per_s",
+    "mean_latency_s",
+    "p50_latency_s",
+    "p99_latency_s",
+    "mean_queue_s",
+    "mean_batch_occupancy",
+}
 
 
 def test_throughput_benchmark_via_cli(tmp_path, _preset_cache):
     from engine.cli import main
 
     out, png = tmp_path / "t.json", tmp_path / "t.png"
-    code = main(["bench", "--model", "tiny-qwen-image", "--num-requests", "4", "--rate", "50", "--steps", "2", "3",
-                 "--max-num-seqs", "1", "2", "--executor", "inproc", "--json", str(out), "--plot", str(png)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny-qwen-image",
+            "--num-requests",
+            "4",
+            "--rate",
+            "50",
+            "--steps",
+            "2",
+            "3",
+            "--max-num-seqs",
+            "1",
+            "2",
+            "--executor",
+            "inproc",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report["systems"]) == {"diffusers-sequential", "diffusers-static", "stepweave-1", "stepweave-2"}
@@ -31,9 +60,28 @@ def test_overhead_benchmark(tmp_path, _preset_cache):
     from benchmarks import overhead
 
     # At least 2 steps: Qwen-Image's scheduler (shift_terminal) yields NaN sigmas for 1 step, in diffusers too.
-    report = overhead.main(["--models", "tiny-qwen-image", "--short", "2", "--long", "3", "--repeats", "1", "--json", str(tmp_path / "o.json")])
+    report = overhead.main(
+        [
+            "--models",
+            "tiny-qwen-image",
+            "--short",
+            "2",
+            "--long",
+            "3",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "o.json"),
+        ]
+    )
     row = report["results"][0]
-    for key in ("direct_step_us", "inproc_step_us", "mp_step_us", "mp_worker_idle_per_step_us", "mp_sync_worker_idle_per_step_us"):
+    for key in (
+        "direct_step_us",
+        "inproc_step_us",
+        "mp_step_us",
+        "mp_worker_idle_per_step_us",
+        "mp_sync_worker_idle_per_step_us",
+    ):
         assert key in row
 
 
@@ -42,8 +90,20 @@ def test_parallel_benchmarks(tmp_path, _preset_cache, name):
     import importlib
 
     module = importlib.import_module(f"benchmarks.{name}")
-    report = module.main(["--model", "tiny-qwen-image", "--num-requests", "2", "--steps", "2",
-                          "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    report = module.main(
+        [
+            "--model",
+            "tiny-qwen-image",
+            "--num-requests",
+            "2",
+            "--steps",
+            "2",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
+        ]
+    )
     assert len(report["systems"]) == 2 and all(s["throughput_rps"] > 0 for s in report["systems"].values())
     assert (tmp_path / "r.png").stat().st_size > 0
 
@@ -52,8 +112,22 @@ def test_client_overhead_benchmark(tmp_path, qwen_dir):
     from benchmarks import client_overhead
 
     out, png = tmp_path / "co.json", tmp_path / "co.png"
-    report = client_overhead.main(["--model", str(qwen_dir), "--requests", "3", "--burst", "4", "--rounds", "1",
-                                   "--json", str(out), "--plot", str(png)])
+    report = client_overhead.main(
+        [
+            "--model",
+            str(qwen_dir),
+            "--requests",
+            "3",
+            "--burst",
+            "4",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert json.loads(out.read_text())["results"] == report["results"]
     results = report["results"]
     for path in ("embedded", "async_client", "sync_client"):

@@ -15,16 +15,28 @@ from tests import cfg_worlds
 pytestmark = pytest.mark.slow
 
 QWEN_MIX = [
-    ({"prompt": "a red fox", "negative_prompt": "blurry"}, SamplingParams(num_inference_steps=5, seed=1, output_type="np")),
+    (
+        {"prompt": "a red fox", "negative_prompt": "blurry"},
+        SamplingParams(num_inference_steps=5, seed=1, output_type="np"),
+    ),
     ("a cat without guidance", SamplingParams(num_inference_steps=4, seed=2, output_type="np")),
-    ({"prompt": "a harbour town at dusk", "negative_prompt": "dark"},
-     SamplingParams(num_inference_steps=6, true_cfg_scale=2.0, seed=3, scheduler="UniPCMultistepScheduler", output_type="np")),
-    ({"prompt": "a tower", "negative_prompt": "fog"},
-     SamplingParams(num_inference_steps=3, true_cfg_scale=7.0, seed=4, height=32, width=64, output_type="np")),
+    (
+        {"prompt": "a harbour town at dusk", "negative_prompt": "dark"},
+        SamplingParams(
+            num_inference_steps=6, true_cfg_scale=2.0, seed=3, scheduler="UniPCMultistepScheduler", output_type="np"
+        ),
+    ),
+    (
+        {"prompt": "a tower", "negative_prompt": "fog"},
+        SamplingParams(num_inference_steps=3, true_cfg_scale=7.0, seed=4, height=32, width=64, output_type="np"),
+    ),
 ]
 DIT_MIX = [
     ({"class_label": 3}, SamplingParams(num_inference_steps=5, guidance_scale=4.0, seed=1, output_type="np")),
-    ({"class_label": 4}, SamplingParams(num_inference_steps=6, guidance_scale=2.0, seed=2, scheduler="DDPMScheduler", output_type="np")),
+    (
+        {"class_label": 4},
+        SamplingParams(num_inference_steps=6, guidance_scale=2.0, seed=2, scheduler="DDPMScheduler", output_type="np"),
+    ),
     ({"class_label": 5}, SamplingParams(num_inference_steps=4, guidance_scale=1.0, seed=3, output_type="np")),
 ]
 

@@ -8,8 +8,21 @@ from engine.cli import main
 
 def test_generate_writes_png(tmp_path, capsys):
     out = tmp_path / "out.png"
-    code = main(["generate", "--prompt", "a lighthouse", "--negative-prompt", "fog", "--steps", "2",
-                 "--executor", "inproc", "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "--prompt",
+            "a lighthouse",
+            "--negative-prompt",
+            "fog",
+            "--steps",
+            "2",
+            "--executor",
+            "inproc",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0 and "wrote" in capsys.readouterr().out
     assert Image.open(out).size == (64, 64)
 

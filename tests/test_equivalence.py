@@ -53,17 +53,36 @@ def test_qwen_co_batched_with_staggered_joins_matches_diffusers(qwen):
     omni, pipe = qwen
     core = omni.core
     cases = [
-        (0, {"prompt": "a red fox in the snow", "negative_prompt": "blurry"},
-         SamplingParams(num_inference_steps=6, true_cfg_scale=4.0, seed=1, output_type="np")),
-        (1, {"prompt": "an old map of a harbour town with many small boats", "negative_prompt": "dark, low quality"},
-         SamplingParams(num_inference_steps=8, true_cfg_scale=2.5, seed=2, scheduler="UniPCMultistepScheduler", output_type="np")),
-        (2, {"prompt": "a cat"},
-         SamplingParams(num_inference_steps=4, seed=3, output_type="np")),
-        (3, {"prompt": "a tall tower", "negative_prompt": "fog"},
-         SamplingParams(num_inference_steps=5, true_cfg_scale=6.0, seed=4, height=32, width=64, output_type="np")),
-        (3, {"prompt": "a sailing ship", "negative_prompt": "rain"},
-         SamplingParams(num_inference_steps=3, true_cfg_scale=1.5, seed=5, scheduler="UniPCMultistepScheduler",
-                        scheduler_config={"solver_order": 1}, output_type="np")),
+        (
+            0,
+            {"prompt": "a red fox in the snow", "negative_prompt": "blurry"},
+            SamplingParams(num_inference_steps=6, true_cfg_scale=4.0, seed=1, output_type="np"),
+        ),
+        (
+            1,
+            {"prompt": "an old map of a harbour town with many small boats", "negative_prompt": "dark, low quality"},
+            SamplingParams(
+                num_inference_steps=8, true_cfg_scale=2.5, seed=2, scheduler="UniPCMultistepScheduler", output_type="np"
+            ),
+        ),
+        (2, {"prompt": "a cat"}, SamplingParams(num_inference_steps=4, seed=3, output_type="np")),
+        (
+            3,
+            {"prompt": "a tall tower", "negative_prompt": "fog"},
+            SamplingParams(num_inference_steps=5, true_cfg_scale=6.0, seed=4, height=32, width=64, output_type="np"),
+        ),
+        (
+            3,
+            {"prompt": "a sailing ship", "negative_prompt": "rain"},
+            SamplingParams(
+                num_inference_steps=3,
+                true_cfg_scale=1.5,
+                seed=5,
+                scheduler="UniPCMultistepScheduler",
+                scheduler_config={"solver_order": 1},
+                output_type="np",
+            ),
+        ),
     ]
     requests = [(join, core.make_request(prompt, params)) for join, prompt, params in cases]
     finished = run_staggered(core, requests)
@@ -78,9 +97,21 @@ def test_dit_co_batched_with_schedulers_matches_diffusers(dit):
     core = omni.core
     cases = [
         (0, {"class_label": 3}, SamplingParams(num_inference_steps=6, guidance_scale=4.0, seed=11, output_type="np")),
-        (1, {"class_label": 7}, SamplingParams(num_inference_steps=9, guidance_scale=2.0, seed=12, scheduler="DDIMScheduler", output_type="np")),
+        (
+            1,
+            {"class_label": 7},
+            SamplingParams(
+                num_inference_steps=9, guidance_scale=2.0, seed=12, scheduler="DDIMScheduler", output_type="np"
+            ),
+        ),
         (2, {"class_label": 5}, SamplingParams(num_inference_steps=4, guidance_scale=1.0, seed=13, output_type="np")),
-        (2, {"class_label": 1}, SamplingParams(num_inference_steps=5, guidance_scale=3.0, seed=14, scheduler="EulerDiscreteScheduler", output_type="np")),
+        (
+            2,
+            {"class_label": 1},
+            SamplingParams(
+                num_inference_steps=5, guidance_scale=3.0, seed=14, scheduler="EulerDiscreteScheduler", output_type="np"
+            ),
+        ),
     ]
     requests = [(join, core.make_request(prompt, params)) for join, prompt, params in cases]
     finished = run_staggered(core, requests)
@@ -95,6 +126,8 @@ def test_dit_co_batched_with_schedulers_matches_diffusers(dit):
 def test_pil_output_matches_diffusers_rounding(qwen):
     omni, _ = qwen
     params = SamplingParams(num_inference_steps=2, seed=9)
-    pil, arr = omni.generate(["a boat", "a boat"], [params, SamplingParams(num_inference_steps=2, seed=9, output_type="np")], use_tqdm=False)
+    pil, arr = omni.generate(
+        ["a boat", "a boat"], [params, SamplingParams(num_inference_steps=2, seed=9, output_type="np")], use_tqdm=False
+    )
     assert pil.images[0].size == (arr.images.shape[2], arr.images.shape[1])
     assert np.array_equal(np.asarray(pil.images[0]), (arr.images[0] * 255).round().astype("uint8"))

@@ -1,5 +1,5 @@
-"""The layout holds: every module imports on its own, and a remote client needs neither torch nor
-diffusers."""
+"""The layout holds: every module imports on its own, a remote client needs neither torch nor
+diffusers, and the code is clean under the project's ruff rules."""
 
 from __future__ import annotations
 
@@ -62,3 +62,11 @@ print(sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modul
     assert error == "SamplingParams.num_inference_steps must be an integer in [1, 1000], got 0"
     assert heavy == "[]"
 
+
+def test_ruff_is_clean():
+    """Lint (pyflakes, pycodestyle, import order) and formatting, as pyproject.toml sets them."""
+    for command in (["check", "--no-cache"], ["format", "--check", "--no-cache"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr

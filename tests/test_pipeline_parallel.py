@@ -47,11 +47,24 @@ def test_even_split():
 
 
 MIX = [
-    (0, {"prompt": "a red fox", "negative_prompt": "blurry"}, SamplingParams(num_inference_steps=5, seed=1, output_type="np")),
+    (
+        0,
+        {"prompt": "a red fox", "negative_prompt": "blurry"},
+        SamplingParams(num_inference_steps=5, seed=1, output_type="np"),
+    ),
     (0, "a cat", SamplingParams(num_inference_steps=4, seed=2, output_type="np")),
-    (1, {"prompt": "a harbour town at dusk", "negative_prompt": "dark"},
-     SamplingParams(num_inference_steps=6, true_cfg_scale=2.0, seed=3, scheduler="UniPCMultistepScheduler", output_type="np")),
-    (2, {"prompt": "a tower", "negative_prompt": "fog"}, SamplingParams(num_inference_steps=3, seed=4, height=32, width=64, output_type="np")),
+    (
+        1,
+        {"prompt": "a harbour town at dusk", "negative_prompt": "dark"},
+        SamplingParams(
+            num_inference_steps=6, true_cfg_scale=2.0, seed=3, scheduler="UniPCMultistepScheduler", output_type="np"
+        ),
+    ),
+    (
+        2,
+        {"prompt": "a tower", "negative_prompt": "fog"},
+        SamplingParams(num_inference_steps=3, seed=4, height=32, width=64, output_type="np"),
+    ),
     (3, "a boat", SamplingParams(num_inference_steps=5, seed=5, output_type="np")),
 ]
 
@@ -113,7 +126,10 @@ def test_pp2_matches_pp1_with_staggered_arrivals_and_aborts(qwen_dir, reference,
 @pytest.mark.parametrize(
     "config, message",
     [
-        (ParallelConfig(pipeline_parallel_size=2, pp_layer_partition=[2]), "one positive block count per pipeline stage"),
+        (
+            ParallelConfig(pipeline_parallel_size=2, pp_layer_partition=[2]),
+            "one positive block count per pipeline stage",
+        ),
         (ParallelConfig(pipeline_parallel_size=2, pp_layer_partition=[1, 2]), "must sum to the transformer's 2 blocks"),
         (ParallelConfig(pipeline_parallel_size=3), r"pipeline_parallel_size must be in \[1, 2\]"),
         (ParallelConfig(pipeline_parallel_size=0), r"pipeline_parallel_size must be an integer in \[1, 16\]"),

@@ -73,7 +73,9 @@ def test_tiny_qwen_image_runs_in_diffusers(qwen_export):
     _check_image(images, 64)
     # the prompt must reach the image, or prompt mix-ups would go unnoticed
     other = pipe(prompt="a red cat asleep on a sofa", generator=torch.Generator().manual_seed(0), **common).images
-    plain = pipe(prompt="a lighthouse on a cliff at sunset", generator=torch.Generator().manual_seed(0), **common).images
+    plain = pipe(
+        prompt="a lighthouse on a cliff at sunset", generator=torch.Generator().manual_seed(0), **common
+    ).images
     assert np.abs(other - plain).mean() > 1e-3
 
     pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(
@@ -132,16 +134,27 @@ def test_export_is_bit_deterministic(qwen_export, dit_export, tmp_path):
     again_dit = export_preset("tiny-dit", tmp_path / "d")
     assert torch.equal(torch.random.get_rng_state(), before)  # nor may export disturb it
     for first, second in (
-        (qwen_export / "transformer/diffusion_pytorch_model.safetensors", again_qwen / "transformer/diffusion_pytorch_model.safetensors"),
+        (
+            qwen_export / "transformer/diffusion_pytorch_model.safetensors",
+            again_qwen / "transformer/diffusion_pytorch_model.safetensors",
+        ),
         (qwen_export / "text_encoder/model.safetensors", again_qwen / "text_encoder/model.safetensors"),
-        (qwen_export / "vae/diffusion_pytorch_model.safetensors", again_qwen / "vae/diffusion_pytorch_model.safetensors"),
-        (dit_export / "transformer/diffusion_pytorch_model.safetensors", again_dit / "transformer/diffusion_pytorch_model.safetensors"),
+        (
+            qwen_export / "vae/diffusion_pytorch_model.safetensors",
+            again_qwen / "vae/diffusion_pytorch_model.safetensors",
+        ),
+        (
+            dit_export / "transformer/diffusion_pytorch_model.safetensors",
+            again_dit / "transformer/diffusion_pytorch_model.safetensors",
+        ),
     ):
         a, b = load_file(first), load_file(second)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
-    assert (qwen_export / "tokenizer/tokenizer.json").read_bytes() == (again_qwen / "tokenizer/tokenizer.json").read_bytes()
+    assert (qwen_export / "tokenizer/tokenizer.json").read_bytes() == (
+        again_qwen / "tokenizer/tokenizer.json"
+    ).read_bytes()
 
 
 def test_unknown_preset_names_the_known_ones(tmp_path):

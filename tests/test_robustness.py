@@ -88,6 +88,8 @@ def test_exception_in_a_shared_forward_fails_only_the_culprit(omni, monkeypatch)
         return original(rows)
 
     monkeypatch.setattr(pipeline, "forward_rows", fragile)
-    bad, good = omni.generate(["explode", "a quiet street"], SamplingParams(num_inference_steps=2, seed=3), use_tqdm=False)
+    bad, good = omni.generate(
+        ["explode", "a quiet street"], SamplingParams(num_inference_steps=2, seed=3), use_tqdm=False
+    )
     assert "RuntimeError: kernel exploded" in bad.error
     assert good.error is None

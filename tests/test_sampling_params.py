@@ -28,7 +28,9 @@ def test_bad_fields_are_named(kwargs, message):
 
 
 def test_defaults_are_valid_and_roundtrip_msgpack():
-    params = SamplingParams(num_inference_steps=7, seed=3, scheduler="UniPCMultistepScheduler", scheduler_config={"solver_order": 1})
+    params = SamplingParams(
+        num_inference_steps=7, seed=3, scheduler="UniPCMultistepScheduler", scheduler_config={"solver_order": 1}
+    )
     params.validate()
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
     assert decoded == params

@@ -11,7 +11,12 @@ from engine.core.scheduler import StepScheduler
 
 
 def make(request_id, steps=3):
-    return Request(request_id=request_id, params=SamplingParams(num_inference_steps=steps, output_type="np"), seed=0, arrival_time=0.0)
+    return Request(
+        request_id=request_id,
+        params=SamplingParams(num_inference_steps=steps, output_type="np"),
+        seed=0,
+        arrival_time=0.0,
+    )
 
 
 def fake_results(batch, finished=(), errors=()):
@@ -20,7 +25,9 @@ def fake_results(batch, finished=(), errors=()):
         if rid in errors:
             outputs.append(StepOutput(request_id=rid, step=1, num_steps=3, finished=True, error="boom"))
         elif rid in finished:
-            outputs.append(StepOutput(request_id=rid, step=3, num_steps=3, finished=True, image=np.zeros((1, 2, 2, 3), np.float32)))
+            outputs.append(
+                StepOutput(request_id=rid, step=3, num_steps=3, finished=True, image=np.zeros((1, 2, 2, 3), np.float32))
+            )
         else:
             outputs.append(StepOutput(request_id=rid, step=1, num_steps=3))
     return StepResults(step_id=batch.step_id, outputs=outputs)

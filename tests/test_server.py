@@ -62,7 +62,14 @@ def _cases():
         prompt: dict = {"prompt": f"a lighthouse number {i} on a cliff"}
         if i % 2:
             prompt["negative_prompt"] = "fog"
-        params = SamplingParams(num_inference_steps=2, seed=100 + i, true_cfg_scale=1.0 + i % 4, height=height, width=width, output_type="np")
+        params = SamplingParams(
+            num_inference_steps=2,
+            seed=100 + i,
+            true_cfg_scale=1.0 + i % 4,
+            height=height,
+            width=width,
+            output_type="np",
+        )
         cases.append((prompt, params))
     return cases
 
@@ -87,7 +94,9 @@ def test_200_requests_from_4_clients_match_omni(server, references):
         with EngineClient(server.address, TOKEN) as client:
             plan = plans[name]
             ids = [f"r-{k}" for k in range(per_client)]
-            results[name] = client.generate([cases[i][0] for i in plan], [cases[i][1] for i in plan], use_tqdm=False, request_ids=ids)
+            results[name] = client.generate(
+                [cases[i][0] for i in plan], [cases[i][1] for i in plan], use_tqdm=False, request_ids=ids
+            )
 
     async def async_client(name):  # two AsyncEngine-shaped clients streaming 50 requests each
         async with AsyncEngineClient(server.address, TOKEN) as client:
@@ -127,7 +136,7 @@ def test_200_requests_from_4_clients_match_omni(server, references):
         assert np.abs(np.asarray(pil.images[0], dtype=np.int16) - (expected[0][0] * 255).round()).max() <= 1
         state = client.debug_state()
         assert state.worker_request_ids == [] and state.server_request_ids == []
-    assert os.stat(server.address[len("ipc://"):]).st_mode & 0o777 == 0o600
+    assert os.stat(server.address[len("ipc://") :]).st_mode & 0o777 == 0o600
 
 
 def test_bad_requests_fail_alone_like_omni(server, qwen_dir):
@@ -227,14 +236,23 @@ async def test_aborts_and_vanished_clients_free_server_and_worker_state(server):
 # -- hostile input -----------------------------------------------------------------------------------
 TAGS = ["hello", "generate", "abort", "ping", "state_query", "goodbye", "launch", ""]
 JUNK = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
 TAGGED = st.builds(
     lambda tag, fields: {"type": tag, **fields},
     st.sampled_from(TAGS),
-    st.dictionaries(st.sampled_from(["request_id", "params", "prompt", "seq", "protocol_version", "auth_token", "stream"]), JUNK, max_size=4),
+    st.dictionaries(
+        st.sampled_from(["request_id", "params", "prompt", "seq", "protocol_version", "auth_token", "stream"]),
+        JUNK,
+        max_size=4,
+    ),
 )
 FRAMES = st.one_of(
     st.lists(st.binary(max_size=300), min_size=1, max_size=3),
@@ -305,7 +323,9 @@ def test_fuzzed_and_malformed_messages_get_errors_and_the_server_keeps_serving(s
     assert server.proc.poll() is None
     with EngineClient(server.address, TOKEN) as client:
         assert client.health()
-        (output,) = client.generate("still serving", SamplingParams(num_inference_steps=2, height=32, width=32), use_tqdm=False)
+        (output,) = client.generate(
+            "still serving", SamplingParams(num_inference_steps=2, height=32, width=32), use_tqdm=False
+        )
         assert output.error is None
         state = client.debug_state()
         deadline = time.monotonic() + 10
@@ -320,8 +340,6 @@ def test_clients_without_the_token_are_refused(server):
         assert client.health() is False
         with pytest.raises(ServerUnavailableError, match="authentication failed"):
             client.generate("x", SamplingParams(num_inference_steps=2), use_tqdm=False)
-
-
 
 
 def test_ipc_address_is_never_taken_from_a_running_server(server, capsys):

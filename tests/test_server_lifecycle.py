@@ -21,9 +21,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_address_policy_requires_a_token_beyond_loopback(capsys):
-    for local in ("ipc:///tmp/x.sock", "tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555", "tcp://127.0.0.1:*"):
+    for local in (
+        "ipc:///tmp/x.sock",
+        "tcp://127.0.0.1:5555",
+        "tcp://localhost:5555",
+        "tcp://[::1]:5555",
+        "tcp://127.0.0.1:*",
+    ):
         check_bind_address(local, None)
-    for remote in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555", "tcp://example.org:5555", "tcp://eth0:5555"):
+    for remote in (
+        "tcp://0.0.0.0:5555",
+        "tcp://*:5555",
+        "tcp://10.1.2.3:5555",
+        "tcp://example.org:5555",
+        "tcp://eth0:5555",
+    ):
         with pytest.raises(ValueError, match="--auth-token"):
             check_bind_address(remote, None)
         with pytest.raises(ValueError, match="at least 16 characters"):
@@ -77,7 +89,7 @@ async def test_overload_is_rejected_at_once_and_sigterm_drains(qwen_dir):
             assert "server shut down before the request finished" in stuck_outputs[-1].error
         code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 30)
         assert code == 0, proc.log()
-        assert "engine shut down" in proc.log() and not Path(proc.address[len("ipc://"):]).exists()
+        assert "engine shut down" in proc.log() and not Path(proc.address[len("ipc://") :]).exists()
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:
         proc.stop()
@@ -146,7 +158,9 @@ async def test_curve_encrypts_a_tcp_server_and_clients_pin_its_key(qwen_dir, tmp
     assert main(["keygen", str(tmp_path / "keys")]) == 0
     public, secret = tmp_path / "keys" / "server.key", tmp_path / "keys" / "server.key_secret"
     assert secret.stat().st_mode & 0o777 == 0o600
-    proc = ServerProcess(qwen_dir, "--auth-token", TOKEN, "--curve-secret-key", str(secret), address="tcp://127.0.0.1:*")
+    proc = ServerProcess(
+        qwen_dir, "--auth-token", TOKEN, "--curve-secret-key", str(secret), address="tcp://127.0.0.1:*"
+    )
     proc.wait_ready()
     try:
         assert proc.address.startswith("tcp://127.0.0.1:")

@@ -23,7 +23,9 @@ def test_step_batch_roundtrip():
 
 def test_images_travel_as_separate_frames_and_arrive_equal():
     image = np.random.default_rng(0).random((1, 8, 6, 3), dtype=np.float32)
-    results = StepResults(step_id=1, outputs=[StepOutput(request_id="a", step=2, num_steps=2, finished=True, image=image)])
+    results = StepResults(
+        step_id=1, outputs=[StepOutput(request_id="a", step=2, num_steps=2, finished=True, image=image)]
+    )
     frames = Encoder().encode(results)
     assert len(frames) == 2 and len(bytes(frames[1])) == image.nbytes
     decoded = Decoder(FromWorker).decode(frames)
@@ -40,7 +42,9 @@ def test_images_travel_as_separate_frames_and_arrive_equal():
     ],
 )
 def test_bad_array_references_are_rejected(ref):
-    head = msgspec.msgpack.encode({"type": "results", "step_id": 1, "outputs": [{"request_id": "a", "step": 1, "num_steps": 1, "image": ref}]})
+    head = msgspec.msgpack.encode(
+        {"type": "results", "step_id": 1, "outputs": [{"request_id": "a", "step": 1, "num_steps": 1, "image": ref}]}
+    )
     with pytest.raises(WireError):
         Decoder(FromWorker).decode([head, np.zeros(4, np.float32).tobytes()])
 

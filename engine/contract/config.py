@@ -95,7 +95,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.max_waiting is not None:
             _int_at_least("max_waiting", self.max_waiting, 0, 1 << 30)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"EngineConfig.async_scheduling must be true, false or null, got {self.async_scheduling!r}")
+            raise ValueError(
+                f"EngineConfig.async_scheduling must be true, false or null, got {self.async_scheduling!r}"
+            )
 
     @classmethod
     def of(cls, model: str | EngineConfig | None = None, **options: Any) -> EngineConfig:

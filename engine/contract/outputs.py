@@ -52,4 +52,6 @@ def to_images(array: np.ndarray, output_type: str) -> Any:
 
 def failed_output(request_id: str, error: str) -> RequestOutput:
     """A final output for a request that ended without running (rejected, or its server lost)."""
-    return RequestOutput(request_id, 0, 0, finished=True, error=error, metrics=RequestMetrics(time.monotonic(), None, 0.0, 0))
+    return RequestOutput(
+        request_id, 0, 0, finished=True, error=error, metrics=RequestMetrics(time.monotonic(), None, 0.0, 0)
+    )

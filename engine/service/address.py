@@ -59,7 +59,7 @@ def claim_ipc_path(address: str) -> None:
     """Make an ipc address ready to bind. zmq's ipc bind silently replaces an existing socket
     file, which would cut a running server off from its clients: refuse when one answers there,
     clear a stale socket file. The default directory must be private to this user."""
-    path = Path(address[len("ipc://"):])
+    path = Path(address[len("ipc://") :])
     if address == default_address():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.parent.stat()
@@ -107,7 +107,9 @@ def load_server_keys(path: str | Path) -> tuple[bytes, bytes]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the CURVE secret key file {str(path)!r}: {exc}") from None
     if secret is None:
-        raise ValueError(f"{str(path)!r} holds only a public key; the server needs the secret certificate (server.key_secret)")
+        raise ValueError(
+            f"{str(path)!r} holds only a public key; the server needs the secret certificate (server.key_secret)"
+        )
     return public, secret
 
 

@@ -137,7 +137,9 @@ class AsyncEngineClient:
         conn.send(frames)
         return conn, wire_id, request_stream
 
-    def _encode(self, conn: ServerConnection, prompt, params, wire_id: str, stream: bool) -> tuple[SamplingParams, list]:
+    def _encode(
+        self, conn: ServerConnection, prompt, params, wire_id: str, stream: bool
+    ) -> tuple[SamplingParams, list]:
         """Validate here what needs no model (same messages as Omni), and check the message is
         one the server's typed decoder accepts, so a bad request fails alone."""
         params, fields = request_fields(prompt, params)
@@ -179,7 +181,9 @@ class AsyncEngineClient:
             raise stream.lost
         return output
 
-    async def _generate_all(self, prompts: list, params_list: list, request_ids: list[str], on_done=None) -> list[RequestOutput]:
+    async def _generate_all(
+        self, prompts: list, params_list: list, request_ids: list[str], on_done=None
+    ) -> list[RequestOutput]:
         async def one(prompt, params, request_id):
             output = await self._final(prompt, params, request_id)
             if on_done is not None:
@@ -230,7 +234,9 @@ class EngineClient:
             raise ValueError(f"request_ids has {len(request_ids)} entries but there are {len(prompts)} prompts")
         bar = progress_bar(len(prompts), use_tqdm)
         try:
-            return self._call(self._client._generate_all(prompts, params_list, list(request_ids), bar.update if bar else None))
+            return self._call(
+                self._client._generate_all(prompts, params_list, list(request_ids), bar.update if bar else None)
+            )
         finally:
             if bar is not None:
                 bar.close()

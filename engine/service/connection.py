@@ -42,7 +42,9 @@ from engine.service.protocol import (
 log = logging.getLogger("stepweave.client")
 
 HEARTBEAT_S = 1.0
-HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class ClientStream(RequestStream):
@@ -98,7 +100,9 @@ class ServerConnection:
         try:
             welcome = await asyncio.wait_for(asyncio.shield(self.welcome), self.timeout_s)
         except asyncio.TimeoutError:
-            self.close(ServerUnavailableError(f"no stepweave server answered at {self.address} within {self.timeout_s:g} s"))
+            self.close(
+                ServerUnavailableError(f"no stepweave server answered at {self.address} within {self.timeout_s:g} s")
+            )
             raise self.lost from None
         if not self._heartbeat_started:
             self._heartbeat_started = True
@@ -148,7 +152,13 @@ class ServerConnection:
             images = message.images
             if images is not None and not isinstance(images, np.ndarray):
                 images = None
-                message = Output(request_id=message.request_id, step=0, num_steps=0, finished=True, error="server sent a malformed image frame")
+                message = Output(
+                    request_id=message.request_id,
+                    step=0,
+                    num_steps=0,
+                    finished=True,
+                    error="server sent a malformed image frame",
+                )
             elif images is not None:
                 images = to_images(images, stream.output_type)
             if message.finished:
@@ -180,9 +190,16 @@ class ServerConnection:
 
     def _error(self, message: Error) -> None:
         if message.code in ("version", "auth"):
-            self.close(ServerUnavailableError(f"stepweave server at {self.address} refused this client: {message.error}"))
+            self.close(
+                ServerUnavailableError(f"stepweave server at {self.address} refused this client: {message.error}")
+            )
         elif message.code == "no_session":
-            self.close(ServerUnavailableError(f"stepweave server at {self.address} dropped this client's session (it restarted, or missed our heartbeats)"))
+            self.close(
+                ServerUnavailableError(
+                    f"stepweave server at {self.address} dropped this client's session "
+                    "(it restarted, or missed our heartbeats)"
+                )
+            )
         elif message.seq is not None and message.seq in self.replies:
             future = self.replies[message.seq]
             if not future.done():
@@ -195,8 +212,10 @@ class ServerConnection:
         that the two ends disagree on encryption (it would otherwise look like a silent server)."""
         event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
         if event & HANDSHAKE_FAILED:
-            error = (f"security handshake with the server at {self.address} failed: it uses CURVE and this client "
-                     "has no server_key or a wrong one, or this client uses CURVE and the server does not")
+            error = (
+                f"security handshake with the server at {self.address} failed: it uses CURVE and this client "
+                "has no server_key or a wrong one, or this client uses CURVE and the server does not"
+            )
         else:
             error = f"lost the connection to the stepweave server at {self.address}"
         self.close(ServerUnavailableError(error))
@@ -208,7 +227,11 @@ class ServerConnection:
             await asyncio.sleep(period)
             silent = time.monotonic() - self.last_heard
             if silent > self.timeout_s:
-                self.close(ServerUnavailableError(f"stepweave server at {self.address} stopped answering: nothing received for {silent:.1f} s"))
+                self.close(
+                    ServerUnavailableError(
+                        f"stepweave server at {self.address} stopped answering: nothing received for {silent:.1f} s"
+                    )
+                )
                 return
             self.post(Ping(0))
 

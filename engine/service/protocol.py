@@ -2,7 +2,7 @@
 
 Every message is one msgpack-encoded Struct of a tagged union, decoded with its type on both
 sides (never pickle). A client must open with `Hello` (protocol version, optional auth token)
-before anything else is served. Final images ride as extra zero-copy frames (engine/wire.py);
+before anything else is served. Final images ride as extra zero-copy frames (engine/contract/wire.py);
 nothing a client sends carries arrays, so the server accepts exactly one small frame per message.
 """
 
@@ -145,7 +145,9 @@ def to_wire(output: RequestOutput, request_id: str) -> Output:
         finished=output.finished,
         error=output.error,
         seed=output.seed,
-        metrics=None if metrics is None else WireMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
+        metrics=None
+        if metrics is None
+        else WireMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
         images=output.images,
     )
 
@@ -160,6 +162,7 @@ def from_wire(message: Output, images: Any) -> RequestOutput:
         images=images,
         error=message.error,
         seed=message.seed,
-        metrics=None if metrics is None else RequestMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
+        metrics=None
+        if metrics is None
+        else RequestMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
     )
-

@@ -55,6 +55,7 @@ from engine.service.protocol import (
 
 log = logging.getLogger("stepweave.server")
 
+
 class Session:
     """One connected client: its routing identity, namespace and running requests."""
 
@@ -83,8 +84,11 @@ class EngineServer:
         local = check_bind_address(self.address, auth_token)
         self.curve_keys = None if curve_secret_key is None else load_server_keys(curve_secret_key)
         if not local and self.curve_keys is None:
-            log.warning("%s is reachable from other machines and unencrypted: the auth token and every image travel "
-                        "in the clear (pass --curve-secret-key, see `stepweave keygen`)", self.address)
+            log.warning(
+                "%s is reachable from other machines and unencrypted: the auth token and every image travel "
+                "in the clear (pass --curve-secret-key, see `stepweave keygen`)",
+                self.address,
+            )
         self.engine = engine
         self.model = str(engine.core.model_info.path)
         self.auth_token = auth_token
@@ -125,7 +129,12 @@ class EngineServer:
             self._bind(self._socket)
             if self.curve_keys is not None:
                 log.info("CURVE encryption on; clients pin the server key %s", self.curve_keys[0].decode())
-            log.info("stepweave server ready: serving %s on %s (protocol %d)", self.model, self.bound_address, PROTOCOL_VERSION)
+            log.info(
+                "stepweave server ready: serving %s on %s (protocol %d)",
+                self.model,
+                self.bound_address,
+                PROTOCOL_VERSION,
+            )
             monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             tasks = [
                 asyncio.create_task(self._receive_loop()),
@@ -171,7 +180,7 @@ class EngineServer:
         self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _ipc_path(self) -> Path | None:
-        return Path(self.address[len("ipc://"):]) if self.address.startswith("ipc://") else None
+        return Path(self.address[len("ipc://") :]) if self.address.startswith("ipc://") else None
 
     def _remove_ipc_file(self) -> None:
         path = self._ipc_path()
@@ -199,7 +208,10 @@ class EngineServer:
                 for request_id, task in list(session.requests.items()):
                     if task in pending:
                         task.cancel()  # its engine request is aborted as the task unwinds
-                        self._post(session.identity, Output(request_id=request_id, step=0, num_steps=0, finished=True, error=error))
+                        self._post(
+                            session.identity,
+                            Output(request_id=request_id, step=0, num_steps=0, finished=True, error=error),
+                        )
             await asyncio.gather(*pending, return_exceptions=True)
             if pending:
                 log.info("aborted %d request(s) still running after the drain timeout", len(pending))
@@ -219,7 +231,10 @@ class EngineServer:
             self._post(identity, Error(code="malformed", error=f"expected a one-frame message, got {len(body)} frames"))
             return
         if len(body[0]) > self.max_message_bytes:
-            self._post(identity, Error(code="oversize", error=f"message of {len(body[0])} bytes exceeds {self.max_message_bytes}"))
+            self._post(
+                identity,
+                Error(code="oversize", error=f"message of {len(body[0])} bytes exceeds {self.max_message_bytes}"),
+            )
             return
         session = self._sessions.get(identity)
         try:
@@ -231,7 +246,9 @@ class EngineServer:
             self._hello(identity, session, message)
             return
         if session is None:
-            self._post(identity, Error(code="no_session", error="no session: send Hello first (or this server restarted)"))
+            self._post(
+                identity, Error(code="no_session", error="no session: send Hello first (or this server restarted)")
+            )
             return
         session.last_seen = time.monotonic()
         if isinstance(message, Generate):
@@ -260,7 +277,13 @@ class EngineServer:
 
     def _hello(self, identity: bytes, session: Session | None, hello: Hello) -> None:
         if hello.protocol_version != PROTOCOL_VERSION:
-            self._post(identity, Error(code="version", error=f"client speaks protocol {hello.protocol_version}; this server speaks {PROTOCOL_VERSION}"))
+            self._post(
+                identity,
+                Error(
+                    code="version",
+                    error=f"client speaks protocol {hello.protocol_version}; this server speaks {PROTOCOL_VERSION}",
+                ),
+            )
             return
         if self.auth_token is not None and not hmac.compare_digest(
             (hello.auth_token or "").encode(), self.auth_token.encode()
@@ -271,7 +294,12 @@ class EngineServer:
             session = Session(identity, f"c{next(self._sids)}", time.monotonic())
             self._sessions[identity] = session
         session.last_seen = time.monotonic()
-        welcome = Welcome(protocol_version=PROTOCOL_VERSION, model=self.model, client_timeout_s=self.client_timeout_s, max_message_bytes=self.max_message_bytes)
+        welcome = Welcome(
+            protocol_version=PROTOCOL_VERSION,
+            model=self.model,
+            client_timeout_s=self.client_timeout_s,
+            max_message_bytes=self.max_message_bytes,
+        )
         self._post(identity, welcome)
 
     @property
@@ -282,9 +310,21 @@ class EngineServer:
     def _generate(self, session: Session, message: Generate) -> None:
         request_id = message.request_id
         if self._draining:
-            self._post(session.identity, Rejected(request_id=request_id, kind="shutting_down", error="server is shutting down; not taking new requests"))
+            self._post(
+                session.identity,
+                Rejected(
+                    request_id=request_id,
+                    kind="shutting_down",
+                    error="server is shutting down; not taking new requests",
+                ),
+            )
         elif request_id in session.requests:
-            self._post(session.identity, Rejected(request_id=request_id, kind="duplicate", error=f"request_id {request_id!r} is already in flight"))
+            self._post(
+                session.identity,
+                Rejected(
+                    request_id=request_id, kind="duplicate", error=f"request_id {request_id!r} is already in flight"
+                ),
+            )
         else:
             session.requests[request_id] = asyncio.create_task(self._run_request(session, message))
 
@@ -292,7 +332,11 @@ class EngineServer:
         """Stream one request's outputs to its client. Images always come back as float arrays
         (one zero-copy frame); the client turns them into what the request asked for."""
         request_id, identity = message.request_id, session.identity
-        prompt = {"prompt": message.prompt, "negative_prompt": message.negative_prompt, "class_label": message.class_label}
+        prompt = {
+            "prompt": message.prompt,
+            "negative_prompt": message.negative_prompt,
+            "class_label": message.class_label,
+        }
         params = msgspec.structs.replace(message.params, output_type="np")
         try:
             async for output in self.engine.generate(prompt, params, request_id=f"{session.sid}:{request_id}"):
@@ -319,7 +363,9 @@ class EngineServer:
             self._post(session.identity, Error(code="state", error=f"{type(exc).__name__}: {exc}", seq=seq))
             return
         server_ids = sorted(f"{s.sid}:{rid}" for s in self._sessions.values() for rid in s.requests)
-        reply = StateReply(seq=seq, worker_request_ids=worker_ids, server_request_ids=server_ids, sessions=len(self._sessions))
+        reply = StateReply(
+            seq=seq, worker_request_ids=worker_ids, server_request_ids=server_ids, sessions=len(self._sessions)
+        )
         self._post(session.identity, reply)
 
     # -- sessions ----------------------------------------------------------------------------
