@@ -18,6 +18,19 @@ TEMPLATE = (
 )
 
 
+# Presets of families served by the generic diffusers adapter:
+# preset -> (pipeline class, call options without CFG, call options with CFG and a negative prompt)
+GENERIC = {
+    "tiny-flux": ("FluxPipeline", {}, {"negative_prompt": "blurry", "true_cfg_scale": 4.0}),
+    "tiny-sd3": (
+        "StableDiffusion3Pipeline",
+        {"guidance_scale": 1.0},
+        {"negative_prompt": "blurry", "guidance_scale": 4.0},
+    ),
+    "tiny-z-image": ("ZImagePipeline", {"guidance_scale": 0.0}, {"negative_prompt": "blurry", "guidance_scale": 4.0}),
+}
+
+
 @pytest.fixture(scope="module")
 def qwen_export(tmp_path_factory):
     return export_preset("tiny-qwen-image", tmp_path_factory.mktemp("presets") / "tiny-qwen-image")
@@ -177,8 +190,105 @@ def test_preset_dir_builds_once_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_preset_specs():
-    assert set(PRESETS) >= {"tiny-qwen-image", "small-qwen-image", "medium-qwen-image", "tiny-dit"}
+    assert set(PRESETS) >= {"tiny-qwen-image", "small-qwen-image", "medium-qwen-image", "tiny-dit", *GENERIC}
     for spec in PRESETS.values():
-        assert spec.family in ("qwen-image", "dit")
+        assert spec.family in ("qwen-image", "dit", "diffusers")
         assert spec.default_height % 16 == 0 and spec.default_width % 16 == 0
         assert spec.description
+
+
+# -- presets of families served by the generic diffusers adapter ------------------------------
+
+
+@pytest.fixture(scope="module", params=sorted(GENERIC))
+def generic_export(request, tmp_path_factory):
+    """(name, directory): each generic-family preset exported once for this module."""
+    name = request.param
+    return name, export_preset(name, tmp_path_factory.mktemp("presets") / name)
+
+
+def _generate(pipe, prompt, **options):
+    return pipe(
+        prompt=prompt,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **options,
+    ).images
+
+
+def test_generic_preset_runs_in_diffusers(generic_export):
+    import diffusers
+
+    name, path = generic_export
+    class_name, plain, cfg = GENERIC[name]
+    spec = PRESETS[name]
+    assert spec.family == "diffusers" and (spec.default_height, spec.default_width) == (64, 64)
+    assert json.loads((path / "stepweave.json").read_text()) == {
+        "preset": name,
+        "family": "diffusers",
+        "default_height": 64,
+        "default_width": 64,
+    }
+    pipe = _load(path)
+    assert type(pipe) is getattr(diffusers, class_name)
+    assert pipe.vae_scale_factor == 8 and pipe.transformer.dtype == torch.float32
+    images = _generate(pipe, "a lighthouse on a cliff at sunset", **plain)
+    _check_image(images, 64)
+    # the prompt must reach the image, or prompt mix-ups would go unnoticed
+    other = _generate(pipe, "a red cat asleep on a sofa", **plain)
+    assert np.abs(other - images).mean() > 1e-3
+    guided = _generate(pipe, "a lighthouse on a cliff at sunset", **cfg)
+    _check_image(guided, 64)
+    assert np.abs(guided - images).mean() > 1e-3  # the negative branch ran and counted
+
+
+def test_generic_preset_text_encoders_cover_their_tokenizers(generic_export):
+    """Every id a tokenizer can emit has an embedding row, and CLIP pools at the real end token."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    _, path = generic_export
+    index = json.loads((path / "model_index.json").read_text())
+    for slot in (k for k, v in index.items() if k.startswith("tokenizer") and v[0] is not None):
+        tokenizer = AutoTokenizer.from_pretrained(str(path / slot))
+        config = AutoConfig.from_pretrained(str(path / slot.replace("tokenizer", "text_encoder")))
+        assert len(tokenizer) <= config.vocab_size, slot
+        assert tokenizer.pad_token is not None, slot
+        if config.model_type.startswith("clip"):
+            assert config.eos_token_id == tokenizer.eos_token_id == tokenizer.pad_token_id
+            assert tokenizer.model_max_length == config.max_position_embeddings == 77
+
+
+def test_generic_preset_export_is_bit_deterministic(generic_export, tmp_path):
+    name, path = generic_export
+    torch.manual_seed(1234)  # the caller's RNG state must not leak into the weights
+    before = torch.random.get_rng_state()
+    again = export_preset(name, tmp_path / name)
+    assert torch.equal(torch.random.get_rng_state(), before)  # nor may export disturb it
+    files = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert any(f.suffix == ".safetensors" for f in files)
+    for file in files:
+        assert (path / file).read_bytes() == (again / file).read_bytes(), file
+
+
+def test_trained_tokenizers_are_the_same_in_every_process():
+    """Tokenizer training must not depend on hash order (tokenizers' own trainers do, which is why
+    the CLIP and T5 vocabularies are learnt in Python): compare with a process of another hash seed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "from pipelines.presets import tokenizer_training as t; "
+        "print(repr((t._clip_merges(), t._t5_pieces(), t._trained_json())))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, check=True)
+    from pipelines.presets import tokenizer_training as t
+
+    assert run.stdout.strip() == repr((t._clip_merges(), t._t5_pieces(), t._trained_json()))

@@ -1,0 +1,138 @@
+"""Presets: complete diffusers pipelines with seeded random weights, written as model directories.
+
+No model hub is reachable, so every model stepweave serves in tests and benchmarks is built here
+from configs: real diffusers/transformers classes, tiny sizes, fixed seeds. The result is an
+ordinary diffusers directory that `DiffusionPipeline.from_pretrained` loads as the real pipeline
+class, so the engine exercises the same loading and inference code a downloaded model would.
+
+This package holds the preset table and the export/cache logic; each family's builder lives in
+its own module (`qwen_image`, `dit`, `flux`, `sd3`, `z_image`), the parts several families share
+in `components`, the seeding helpers in `common`, and the tokenizers in `tokenizer_training`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipelines.presets.common import PresetSpec
+from pipelines.presets.dit import tiny_dit
+from pipelines.presets.flux import tiny_flux
+from pipelines.presets.qwen_image import qwen_image
+from pipelines.presets.sd3 import tiny_sd3
+from pipelines.presets.z_image import tiny_z_image
+
+# Bump when any builder changes output, so stale caches are never reused.
+CACHE_VERSION = "v1"
+
+PRESETS: dict[str, PresetSpec] = {
+    "tiny-qwen-image": PresetSpec(
+        "qwen-image",
+        64,
+        64,
+        lambda: qwen_image(layers=2, heads=2, head_dim=16, axes=(4, 6, 6)),
+        "QwenImagePipeline, 2-layer 32-wide transformer; 64x64 (16 image tokens); for tests",
+    ),
+    "small-qwen-image": PresetSpec(
+        "qwen-image",
+        128,
+        128,
+        lambda: qwen_image(layers=4, heads=4, head_dim=32, axes=(8, 12, 12)),
+        "QwenImagePipeline, ~2.5M-parameter transformer; 128x128 (64 image tokens)",
+    ),
+    # 160x160 = 100 image tokens: with ~75M parameters a batch-8 forward then costs ~0.6 s on
+    # one CPU thread, enough compute that scheduling overhead is small beside it.
+    "medium-qwen-image": PresetSpec(
+        "qwen-image",
+        160,
+        160,
+        lambda: qwen_image(layers=8, heads=8, head_dim=64, axes=(16, 24, 24)),
+        "QwenImagePipeline, ~75M-parameter transformer (compute-bound on CPU); 160x160",
+    ),
+    "tiny-dit": PresetSpec(
+        "dit",
+        64,
+        64,
+        tiny_dit,
+        "DiTPipeline, 2-layer DiT with learned sigma + tiny AutoencoderKL; 64x64, 1000 classes",
+    ),
+    # Families without a dedicated stepweave module, served through the generic diffusers adapter.
+    "tiny-flux": PresetSpec(
+        "diffusers",
+        64,
+        64,
+        tiny_flux,
+        "FluxPipeline, 2+2-block 32-wide transformer with guidance embedding, CLIP + T5; 64x64 (16 image tokens)",
+    ),
+    "tiny-sd3": PresetSpec(
+        "diffusers",
+        64,
+        64,
+        tiny_sd3,
+        "StableDiffusion3Pipeline, 2-block 32-wide MMDiT, two CLIPs + T5; 64x64 (16 image tokens)",
+    ),
+    "tiny-z-image": PresetSpec(
+        "diffusers",
+        64,
+        64,
+        tiny_z_image,
+        "ZImagePipeline, 2-layer 32-wide single-stream transformer, Qwen3 text model; 64x64 (16 image tokens)",
+    ),
+}
+
+
+def _spec(name: str) -> PresetSpec:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def export_preset(name: str, directory: str | os.PathLike) -> Path:
+    """Build preset `name` and write it as a diffusers directory (same bytes every time)."""
+    spec = _spec(name)
+    directory = Path(directory)
+    pipe = spec.builder()
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    meta = {
+        "preset": name,
+        "family": spec.family,
+        "default_height": spec.default_height,
+        "default_width": spec.default_width,
+    }
+    (directory / "stepweave.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STEPWEAVE_CACHE_DIR") or Path.home() / ".cache" / "stepweave" / "presets")
+
+
+def preset_dir(name: str) -> Path:
+    """The cached export of `name`, built on first use.
+
+    Several processes may ask at once: each builds into its own temporary sibling and renames
+    it into place; a rename onto a directory another process already installed fails, and the
+    loser throws its copy away. A directory at the target is therefore always complete.
+    """
+    _spec(name)
+    root = cache_root()
+    target = root / f"{name}-{CACHE_VERSION}"
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    try:
+        export_preset(name, scratch)
+        os.chmod(scratch, 0o755)  # mkdtemp makes it private; the cache is shared
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
