@@ -117,7 +117,12 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--class-label", type=int, default=None, help="class label (DiT models)")
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg-scale", type=float, default=4.0)
+    gen.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="sets true_cfg_scale and guidance_scale (default: the model's own, 4.0 for Qwen-Image and DiT)",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)

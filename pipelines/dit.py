@@ -20,6 +20,7 @@ from pipelines.request_state import RequestState
 from pipelines.step_pipeline import StepPipeline
 
 VAE_SCALE = 8  # DiT's VAE: latent side * 8 = image side
+DEFAULT_GUIDANCE = 4.0  # DiTPipeline's guidance_scale default
 
 
 class DiTStepPipeline(StepPipeline):
@@ -58,7 +59,8 @@ class DiTStepPipeline(StepPipeline):
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.pipe.transformer.dtype)
         scheduler = self.new_scheduler(request)
         scheduler.set_timesteps(params.num_inference_steps)
-        do_cfg = params.guidance_scale > 1
+        guidance = DEFAULT_GUIDANCE if params.guidance_scale is None else params.guidance_scale
+        do_cfg = guidance > 1
         labels = [label, self.null_class] if do_cfg else [label]
         branch_inputs = [{"class_label": torch.tensor([c], device=self.device)} for c in labels]
         return RequestState(
@@ -68,7 +70,7 @@ class DiTStepPipeline(StepPipeline):
             timesteps=scheduler.timesteps,
             latents=latents,
             branch_inputs=branch_inputs,
-            cfg_scale=float(params.guidance_scale),
+            cfg_scale=float(guidance),
             cfg_normalize=bool(params.cfg_normalize),
             batch_key=(self.latent_size,),
         )

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.registry import family_for
-from pipelines.schedulers import check_schedule, check_scheduler
 
 if TYPE_CHECKING:  # the engine imports this module; no import back at run time
     from engine.contract.sampling_params import SamplingParams
@@ -44,11 +43,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
+    pipeline_class: str  # model_index.json's "_class_name"
     family: type  # the StepPipeline subclass that serves this model (from the registry)
-    default_height: int
-    default_width: int
+    default_height: int | None  # None: the pipeline's own default
+    default_width: int | None
     scheduler_config: dict[str, Any]
     transformer_config: dict[str, Any]
+
+    @property
+    def pipeline_type(self) -> type:
+        """The diffusers pipeline class (importing diffusers, loading no weights)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
 
     @property
     def num_layers(self) -> int:
@@ -57,20 +64,25 @@ class ModelInfo:
 
     @property
     def flow(self) -> bool:
-        return self.family.flow_matching
+        """A flow-matching model (its scheduler integrates a velocity field)."""
+        return self.family.flow_matching or str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
 
     @classmethod
-    def load(cls, model: str | Path, family: type | None = None) -> ModelInfo:
-        """`family` overrides the registry (workers get the one the engine chose)."""
+    def load(cls, model: str | Path, family: type | None = None, adapter: bool = False) -> ModelInfo:
+        """`family` overrides the registry (workers get the one the engine chose); `adapter`
+        serves the model through the generic diffusers adapter even if it has a family."""
         path = resolve_model(model)
+        index = _read_json(path / "model_index.json")
+        pipeline_class = index.get("_class_name")
         if family is None:
-            family = family_for(_read_json(path / "model_index.json").get("_class_name"))
+            family = family_for(pipeline_class, index, adapter)
         # Presets record their default size here; other directories get the family's default.
         preset = _read_json(path / "stepweave.json") if (path / "stepweave.json").is_file() else {}
-        transformer = _read_json(path / "transformer" / "config.json")
+        config = path / "transformer" / "config.json"
+        transformer = _read_json(config) if config.is_file() or "transformer" in index else {}
         height, width = family.default_size(transformer, preset)
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
-        return cls(path, family, height, width, scheduler, transformer)
+        return cls(path, pipeline_class, family, height, width, scheduler, transformer)
 
     def validate(self, params: SamplingParams, fields: dict[str, Any]) -> None:
         """Raise ValueError (naming the field and what it accepts) for a request this model
@@ -79,13 +91,10 @@ class ModelInfo:
         for key, value in fields.items():
             if value is not None and key not in family.inputs:
                 raise ValueError(f"{key} is not an input of {family.name} models; they take {', '.join(family.inputs)}")
+        if params.pipeline_args and not family.accepts_pipeline_args:
+            raise ValueError(
+                f"SamplingParams.pipeline_args is for pipelines served through the diffusers adapter; "
+                f"{family.name} models take none"
+            )
         family.check_request(self, params, fields)
-        check_scheduler(self.scheduler_config, params.scheduler, params.scheduler_config, self.flow)
-        check_schedule(
-            self.scheduler_config,
-            params.scheduler,
-            params.scheduler_config,
-            self.flow,
-            params.num_inference_steps,
-            family.image_seq_len(self, params),
-        )
+        family.check_scheduler_choice(self, params)

@@ -25,6 +25,7 @@ from pipelines.schedulers import set_flow_timesteps
 from pipelines.step_pipeline import StepPipeline, check_text
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' QwenImagePipeline default
+DEFAULT_CFG_SCALE = 4.0  # its true_cfg_scale default (and the guidance of guidance-embedding variants)
 PIXELS_PER_TOKEN = 16  # the VAE's 8x times the transformer's 2x2 patches
 
 
@@ -32,6 +33,7 @@ PIXELS_PER_TOKEN = 16  # the VAE's 8x times the transformer's 2x2 patches
 class QwenImageState(RequestState):
     height: int = 0
     width: int = 0
+    guidance: float = DEFAULT_CFG_SCALE  # read only by guidance-embedding transformers
 
 
 class QwenImageStepPipeline(StepPipeline):
@@ -74,7 +76,8 @@ class QwenImageStepPipeline(StepPipeline):
         height = params.height or self.info.default_height
         width = params.width or self.info.default_width
         pipe = self.pipe
-        do_cfg = params.true_cfg_scale > 1 and request.negative_prompt is not None
+        cfg_scale = DEFAULT_CFG_SCALE if params.true_cfg_scale is None else params.true_cfg_scale
+        do_cfg = cfg_scale > 1 and request.negative_prompt is not None
         branches = [request.prompt, request.negative_prompt] if do_cfg else [request.prompt]
         branch_inputs = []
         for text in branches:
@@ -97,11 +100,12 @@ class QwenImageStepPipeline(StepPipeline):
             timesteps=scheduler.timesteps,
             latents=latents,
             branch_inputs=branch_inputs,
-            cfg_scale=float(params.true_cfg_scale),
+            cfg_scale=float(cfg_scale),
             cfg_normalize=normalize,
             batch_key=(height, width),
             height=height,
             width=width,
+            guidance=DEFAULT_CFG_SCALE if params.guidance_scale is None else params.guidance_scale,
         )
 
     def forward_rows(self, rows: Sequence[Row]) -> torch.Tensor | None:
@@ -114,9 +118,7 @@ class QwenImageStepPipeline(StepPipeline):
         embeds, mask = self._text_inputs(rows)
         guidance = None
         if self.pipe.transformer.config.guidance_embeds:
-            guidance = torch.tensor(
-                [state.request.params.guidance_scale for state, _ in rows], device=self.device, dtype=torch.float32
-            )
+            guidance = torch.tensor([state.guidance for state, _ in rows], device=self.device, dtype=torch.float32)
         side = self.vae_scale_factor * 2
         img_shapes = [[(1, height // side, width // side)]] * len(rows)
         return self.pipe.transformer(
@@ -158,7 +160,7 @@ class QwenImageStepPipeline(StepPipeline):
         timestep = (torch.stack([state.timestep for state, _ in rows]).to(self.dtype) / 1000).to(self.dtype)
         carrier = embeds[:, :0, :0]  # time_text_embed reads only the dtype of this argument
         if transformer.config.guidance_embeds:
-            guidance = torch.tensor([s.request.params.guidance_scale for s, _ in rows], device=self.device)
+            guidance = torch.tensor([s.guidance for s, _ in rows], device=self.device)
             temb = transformer.time_text_embed(timestep, guidance.to(self.dtype) * 1000, carrier)
         else:
             temb = transformer.time_text_embed(timestep, carrier)

@@ -4,7 +4,8 @@ A model directory names its diffusers pipeline class in `model_index.json` ("_cl
 registry maps that name to the `StepPipeline` subclass of the family that serves it. The class
 carries everything else the engine needs to know (its request checks, default size, what it
 supports), so adding a family is its own module plus one line here, or one `register_family`
-call from user code. Entries are import paths, imported on first use: reading the registry
+call from user code. A class with no family of its own goes to the generic diffusers adapter
+when that can serve it. Entries are import paths, imported on first use: reading the registry
 loads no model code.
 """
 
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+# Serves every other pipeline class it can (see pipelines/diffusers_adapter.py).
+ADAPTER = "pipelines.diffusers_adapter:DiffusersAdapterPipeline"
 
 _FAMILIES: dict[str, str | type] = {
     "QwenImagePipeline": "pipelines.qwen_image:QwenImageStepPipeline",
@@ -38,12 +42,22 @@ def served_families() -> list[type]:
     return [family_for(name) for name in served_classes()]
 
 
-def family_for(pipeline_class: Any) -> type:
-    """The StepPipeline subclass registered for a diffusers pipeline class name."""
-    entry = _FAMILIES.get(pipeline_class) if isinstance(pipeline_class, str) else None
-    if entry is None:
-        raise ValueError(f"stepweave serves {', '.join(served_classes())}; this model is a {pipeline_class!r}")
-    return import_family(entry) if isinstance(entry, str) else entry
+def family_for(pipeline_class: Any, components: dict[str, Any] | None = None, adapter: bool = False) -> type:
+    """The StepPipeline subclass that serves a diffusers pipeline class: its registered family,
+    else (or always, with `adapter=True`) the generic diffusers adapter where it can serve the
+    class; `components` is model_index.json, which names the pipeline's components."""
+    entry = _FAMILIES.get(pipeline_class) if isinstance(pipeline_class, str) and not adapter else None
+    if entry is not None:
+        return import_family(entry) if isinstance(entry, str) else entry
+    adapter_family = import_family(ADAPTER)
+    reason = adapter_family.serves(pipeline_class, components or {}) if isinstance(pipeline_class, str) else None
+    if reason is None and isinstance(pipeline_class, str):
+        return adapter_family
+    raise ValueError(
+        f"stepweave serves {', '.join(served_classes())} and, through its diffusers adapter, pipelines with a "
+        f"{' or '.join(('transformer', 'transformer_2'))} and callback_on_step_end; this model is a "
+        f"{pipeline_class!r}" + (f" ({reason})" if reason else "")
+    )
 
 
 def import_family(path: str) -> type:

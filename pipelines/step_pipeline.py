@@ -22,7 +22,7 @@ from engine.contract.messages import NewRequest
 from pipelines.parallel.cfg import CFGParallelMixin
 from pipelines.parallel.pipeline_parallel import PipelineParallelMixin
 from pipelines.request_state import RequestState
-from pipelines.schedulers import build_scheduler, step_request_scheduler
+from pipelines.schedulers import build_scheduler, check_schedule, check_scheduler, step_request_scheduler
 
 if TYPE_CHECKING:
     from engine.contract.sampling_params import SamplingParams
@@ -37,6 +37,8 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
     inputs: tuple[str, ...] = ("prompt", "negative_prompt")  # prompt-dict keys it takes
     flow_matching: bool = False  # flow-matching schedules (flow options filled in for solvers)
     supports_cfg_parallel: bool = True
+    accepts_pipeline_args: bool = False  # SamplingParams.pipeline_args (the adapter's)
+    steps_whole_calls: bool = False  # True: the runner steps it with advance() (the adapter)
 
     @classmethod
     def default_size(cls, transformer_config: dict[str, Any], preset: dict[str, Any]) -> tuple[int, int]:
@@ -52,6 +54,19 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
     def image_seq_len(cls, info: ModelInfo, params: SamplingParams) -> int:
         """Image tokens, where the schedule depends on them (flow-matching timestep shift)."""
         return 0
+
+    @classmethod
+    def check_scheduler_choice(cls, info: ModelInfo, params: SamplingParams) -> None:
+        """The requested scheduler works with this model, and gives a finite schedule."""
+        check_scheduler(info.scheduler_config, params.scheduler, params.scheduler_config, info.flow)
+        check_schedule(
+            info.scheduler_config,
+            params.scheduler,
+            params.scheduler_config,
+            info.flow,
+            params.num_inference_steps,
+            cls.image_seq_len(info, params),
+        )
 
     @classmethod
     def load_diffusers(cls, path: Path, dtype: torch.dtype) -> Any:

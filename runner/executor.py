@@ -48,3 +48,6 @@ class InprocExecutor(Executor):
 
     def state_ids(self) -> list[str]:
         return list(self.runner.states)
+
+    def shutdown(self) -> None:
+        self.runner.close()

@@ -29,6 +29,13 @@ class ModelRunner:
             outputs = self._execute(batch)
         return StepResults(step_id=batch.step_id, outputs=outputs, execute_s=time.perf_counter() - start)
 
+    def close(self) -> None:
+        """Free every request's state: an in-process engine's shutdown ends the adapter's request
+        threads here (a worker process ends them by exiting)."""
+        for state in list(self.states.values()):
+            self.pipeline.release(state)
+        self.states.clear()
+
     def _execute(self, batch: StepBatch) -> list[StepOutput]:
         for request_id in batch.drop:
             state = self.states.pop(request_id, None)
@@ -66,6 +73,9 @@ class ModelRunner:
         return outputs
 
     def _step_group(self, group: list[RequestState]) -> list[StepOutput]:
+        if self.pipeline.steps_whole_calls:  # the diffusers adapter runs each request's own loop
+            outcomes = self.pipeline.advance(group)
+            return [self._report(state, kind, payload) for state, (kind, payload) in zip(group, outcomes, strict=True)]
         try:
             predictions = self.pipeline.denoise_step(group)
         except Exception as exc:
@@ -119,8 +129,24 @@ class ModelRunner:
             )
         return outputs
 
+    def _report(self, state: Any, kind: str, payload: Any) -> StepOutput:
+        """An adapter request's step: progress, its final image, or its error."""
+        if kind == "failed":
+            return self._fail(state, payload)
+        if kind == "finished":
+            del self.states[state.request_id]
+            return StepOutput(
+                request_id=state.request_id,
+                step=state.step_index,
+                num_steps=state.num_steps,
+                finished=True,
+                image=payload,
+            )
+        return StepOutput(request_id=state.request_id, step=state.step_index, num_steps=state.num_steps)
+
     def _fail(self, state: RequestState, exc: BaseException) -> StepOutput:
         self.states.pop(state.request_id, None)
+        self.pipeline.release(state)
         return _failure(state.request_id, state.step_index, state.num_steps, exc)
 
 

@@ -52,7 +52,7 @@ def diffusers_reference(pipe, prompt, params, size=None):
         if isinstance(pipe, diffusers.DiTPipeline):
             images = pipe(
                 class_labels=[prompt["class_label"]],
-                guidance_scale=params.guidance_scale,
+                guidance_scale=4.0 if params.guidance_scale is None else params.guidance_scale,
                 num_inference_steps=params.num_inference_steps,
                 generator=generator,
                 output_type="np",
@@ -61,7 +61,7 @@ def diffusers_reference(pipe, prompt, params, size=None):
             images = pipe(
                 prompt=prompt["prompt"],
                 negative_prompt=prompt.get("negative_prompt"),
-                true_cfg_scale=params.true_cfg_scale,
+                true_cfg_scale=4.0 if params.true_cfg_scale is None else params.true_cfg_scale,
                 num_inference_steps=params.num_inference_steps,
                 height=params.height or size[0],
                 width=params.width or size[1],

@@ -75,6 +75,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Send step k+1 before step k's results are back. None: on wherever it can help (worker
     # processes without pipeline parallelism).
     async_scheduling: bool | None = None
+    # Serve the model through the generic diffusers adapter even where a hand-split family
+    # exists (a cross-check of the two paths; the adapter runs neither CFG- nor pipeline-parallel).
+    diffusers_adapter: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -98,6 +101,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(
                 f"EngineConfig.async_scheduling must be true, false or null, got {self.async_scheduling!r}"
             )
+        if not isinstance(self.diffusers_adapter, bool):
+            raise ValueError(f"EngineConfig.diffusers_adapter must be true or false, got {self.diffusers_adapter!r}")
 
     @classmethod
     def of(cls, model: str | EngineConfig | None = None, **options: Any) -> EngineConfig:

@@ -18,16 +18,25 @@ MAX_CFG_SCALE = 100.0
 MAX_SIDE = 4096
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "np")
+MAX_PIPELINE_ARGS = 32
+MAX_ARG_CHARS = 20_000
+MAX_ARG_ITEMS = 64
+
+# A value a pipeline argument may take on the wire: plain data, never objects or tensors.
+Scalar = str | int | float | bool | None
+PipelineArg = Scalar | list[Scalar]
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """How one request is denoised. `None` means "the model's default"."""
 
     num_inference_steps: int = 20
-    # Qwen-Image: true CFG, active when > 1 and a negative prompt is given (diffusers' default 4.0).
-    true_cfg_scale: float = 4.0
-    # DiT: classifier-free guidance, active when > 1 (diffusers' default 4.0).
-    guidance_scale: float = 4.0
+    # The two guidance scales, by their diffusers names; None: the pipeline's own default.
+    # true_cfg_scale: true CFG with a negative prompt, active when > 1 (Qwen-Image: 4.0; FLUX).
+    true_cfg_scale: float | None = None
+    # guidance_scale: CFG (DiT: 4.0; SD3, Z-Image), or distilled guidance (FLUX, guidance-embedding
+    # Qwen-Image: 4.0).
+    guidance_scale: float | None = None
     # Rescale the CFG combination to the positive branch's norm. None: the model's own default
     # (on for Qwen-Image, as diffusers' QwenImagePipeline always does; off for DiT).
     cfg_normalize: bool | None = None
@@ -40,12 +49,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Overrides applied on top of the model's scheduler config.
     scheduler_config: dict[str, Any] | None = None
     output_type: str = "pil"
+    # Further __call__ arguments of a pipeline served through the diffusers adapter, by their
+    # diffusers names (e.g. {"max_sequence_length": 256}); checked against the pipeline class.
+    pipeline_args: dict[str, PipelineArg] | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
         _int_in("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
-        _float_in("true_cfg_scale", self.true_cfg_scale, 0.0, MAX_CFG_SCALE)
-        _float_in("guidance_scale", self.guidance_scale, 0.0, MAX_CFG_SCALE)
+        for scale in ("true_cfg_scale", "guidance_scale"):
+            if getattr(self, scale) is not None:
+                _float_in(scale, getattr(self, scale), 0.0, MAX_CFG_SCALE)
         if self.cfg_normalize is not None and not isinstance(self.cfg_normalize, bool):
             raise ValueError(f"SamplingParams.cfg_normalize must be true, false or null, got {self.cfg_normalize!r}")
         for side in ("height", "width"):
@@ -66,6 +79,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                     "SamplingParams.scheduler_config must be a mapping of scheduler option names to values, "
                     f"got {self.scheduler_config!r}"
                 )
+        if self.pipeline_args is not None:
+            _check_pipeline_args(self.pipeline_args)
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"SamplingParams.output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
 
@@ -79,3 +94,34 @@ def _float_in(name: str, value: Any, low: float, high: float) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not low <= value <= high:
         raise ValueError(f"SamplingParams.{name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def _check_pipeline_args(args: Any) -> None:
+    if not isinstance(args, dict) or len(args) > MAX_PIPELINE_ARGS:
+        raise ValueError(
+            f"SamplingParams.pipeline_args must be a mapping of at most {MAX_PIPELINE_ARGS} argument names to values, "
+            f"got {_short(args)}"
+        )
+    for name, value in args.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"SamplingParams.pipeline_args: {name!r} is not an argument name")
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > MAX_ARG_ITEMS:
+            raise ValueError(f"SamplingParams.pipeline_args[{name!r}] may hold at most {MAX_ARG_ITEMS} items")
+        for item in items:
+            if item is not None and not isinstance(item, (str, int, float, bool)):
+                raise ValueError(
+                    f"SamplingParams.pipeline_args[{name!r}] must be a string, number, boolean, null or a list of "
+                    f"those, got {type(item).__name__}"
+                )
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"SamplingParams.pipeline_args[{name!r}] must be finite, got {item!r}")
+            if isinstance(item, str) and len(item) > MAX_ARG_CHARS:
+                raise ValueError(
+                    f"SamplingParams.pipeline_args[{name!r}] strings hold at most {MAX_ARG_CHARS} characters"
+                )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -57,7 +57,7 @@ def make_executor(config: EngineConfig, family: str) -> Executor:
 class EngineCore:
     def __init__(self, config: EngineConfig):
         config.validate()
-        self.model_info = ModelInfo.load(config.model)
+        self.model_info = ModelInfo.load(config.model, adapter=config.diffusers_adapter)
         # Workers load the directory the engine resolved, with the family the engine chose.
         self.config = msgspec.structs.replace(config, model=str(self.model_info.path))
         parallel, family = config.parallel_config, self.model_info.family
@@ -155,4 +155,5 @@ def _check_supported(family: type, parallel) -> None:
             f"ParallelConfig.pipeline_parallel_size > 1 supports {', '.join(able)} models, not {family.name}"
         )
     if parallel.cfg_parallel_size > 1 and not family.supports_cfg_parallel:
-        raise ValueError(f"ParallelConfig.cfg_parallel_size > 1 is not supported by {family.name} models")
+        able = sorted(f.name for f in served_families() if f.supports_cfg_parallel)
+        raise ValueError(f"ParallelConfig.cfg_parallel_size > 1 supports {', '.join(able)} models, not {family.name}")

@@ -1,0 +1,304 @@
+"""The generic diffusers adapter: any pipeline with a transformer and `callback_on_step_end`,
+step-batched without splitting it by hand.
+
+Each running request gets a shallow copy of the loaded pipeline, with its own deep copy of the
+scheduler, and runs the pipeline's unmodified `__call__` on a thread of its own. The copy's
+transformer(s) are proxies: calling one hands the forward to the runner and blocks until the
+batched result comes back (`forward_batching`); attribute reads pass through to the real
+module. `callback_on_step_end` marks step boundaries: the thread waits there until the engine
+schedules its next step, and an abort raises there to unwind it. One engine step for a group of
+requests releases their threads, runs every forward they block in (joined where compatible),
+and repeats until each thread is back at a boundary or finished; a pipeline that calls the
+transformer twice a step simply takes two rounds. Outputs equal diffusers by construction: the
+code that runs is diffusers' own, and joined forwards are split back per request.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from engine.contract.messages import NewRequest
+from engine.contract.sampling_params import MAX_SIDE
+from pipelines.forward_batching import TEXT_PADDING, ForwardCall, group_calls, run_group
+from pipelines.schedulers import build_scheduler, check_scheduler
+from pipelines.step_pipeline import StepPipeline, check_text
+
+# Components that are replaced by proxies (the denoisers; Wan 2.2 has two).
+PROXIED = ("transformer", "transformer_2")
+# __call__ arguments the engine sets itself; a request may not pass them in pipeline_args.
+ENGINE_CONTROLLED = (
+    "generator",
+    "latents",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
+    "callback",
+    "callback_steps",
+    "output_type",
+    "num_images_per_prompt",
+    "return_dict",
+)
+# __call__ arguments that come from the prompt dict and SamplingParams.
+FROM_REQUEST = {
+    "prompt": "the prompt",
+    "negative_prompt": "the prompt dict's negative_prompt",
+    "num_inference_steps": "SamplingParams.num_inference_steps",
+    "height": "SamplingParams.height",
+    "width": "SamplingParams.width",
+    "true_cfg_scale": "SamplingParams.true_cfg_scale",
+    "guidance_scale": "SamplingParams.guidance_scale",
+}
+PIXELS_PER_TOKEN = 16  # VAE 8x times 2x2 patches, the layout of every supported transformer
+MAX_IMAGE_TOKENS = 16384  # 2048 x 2048: bounds one request's worker memory when the model sets no limit
+
+
+class _Aborted(BaseException):
+    """Raised in a request's thread to unwind it (not an Exception: pipeline code must not catch it)."""
+
+
+@dataclass(eq=False)
+class AdapterState:
+    """A running adapter request: its private pipeline copy, its thread and where it stands."""
+
+    request: NewRequest
+    pipe: Any
+    call_kwargs: dict[str, Any]
+    num_steps: int
+    step_index: int = 0
+    batch_key: tuple = ()  # every adapter request may share a step; forwards group themselves
+    thread: threading.Thread | None = None
+    resume: threading.Event = field(default_factory=threading.Event)
+    aborted: bool = False
+    image: np.ndarray | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def done(self) -> bool:
+        return self.image is not None
+
+
+class _ForwardProxy:
+    """Stands in for a denoiser inside one request's pipeline copy."""
+
+    def __init__(self, adapter: DiffusersAdapterPipeline, state: AdapterState, module: torch.nn.Module):
+        self._adapter, self._state, self._module = adapter, state, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = ForwardCall(self._module, args, kwargs, padding=self._adapter.text_padding)
+        self._adapter.events.put(("forward", self._state, call))
+        call.done.wait()
+        if self._state.aborted:
+            raise _Aborted()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+class DiffusersAdapterPipeline(StepPipeline):
+    name = "diffusers"
+    supports_cfg_parallel = False
+    accepts_pipeline_args = True
+    steps_whole_calls = True  # the runner steps it with advance(), not the hand-split contract
+
+    # -- what the engine may check without weights -------------------------------------------
+    @classmethod
+    def serves(cls, pipeline_class: str, components: dict[str, Any]) -> str | None:
+        """Why this adapter cannot serve `pipeline_class` (None when it can)."""
+        import diffusers
+
+        pipe_cls = getattr(diffusers, pipeline_class, None)
+        if not isinstance(pipe_cls, type) or not issubclass(pipe_cls, diffusers.DiffusionPipeline):
+            return "not a diffusers pipeline class"
+        if "callback_on_step_end" not in _call_parameters(pipe_cls):
+            return "its __call__ takes no callback_on_step_end, so its steps cannot be scheduled"
+        if not any(isinstance(components.get(name), list) and components[name][0] for name in PROXIED):
+            return f"it has no {' or '.join(PROXIED)} component to batch"
+        return None
+
+    @classmethod
+    def default_size(cls, transformer_config, preset) -> tuple[int | None, int | None]:
+        """A preset's size; otherwise the pipeline's own default (None: not passed)."""
+        return preset.get("default_height"), preset.get("default_width")
+
+    @classmethod
+    def check_request(cls, info, params, fields) -> None:
+        parameters = _call_parameters(info.pipeline_type)
+        check_text("prompt", fields["prompt"], required=True)
+        if fields["negative_prompt"] is not None and "negative_prompt" not in parameters:
+            raise ValueError(f"negative_prompt is not an input of {info.pipeline_class}")
+        check_text("negative_prompt", fields["negative_prompt"], required=False)
+        for side in ("height", "width"):
+            value = getattr(params, side)
+            if value is not None and side not in parameters:
+                raise ValueError(f"SamplingParams.{side} is not an input of {info.pipeline_class}")
+            if value is not None and value % PIXELS_PER_TOKEN:
+                raise ValueError(
+                    f"SamplingParams.{side} must be a multiple of {PIXELS_PER_TOKEN} in [16, {MAX_SIDE}], got {value}"
+                )
+        height, width = params.height or info.default_height, params.width or info.default_width
+        if height and width:
+            tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+            limit = int(info.scheduler_config.get("max_image_seq_len") or MAX_IMAGE_TOKENS)
+            if tokens > limit:
+                raise ValueError(
+                    f"SamplingParams.height x width = {height}x{width} gives {tokens} image tokens; this model "
+                    f"allows at most {limit} (height/16 * width/16)"
+                )
+        for name in params.pipeline_args or {}:
+            if name in ENGINE_CONTROLLED:
+                raise ValueError(f"SamplingParams.pipeline_args: {name!r} is set by the engine")
+            if name in FROM_REQUEST:
+                raise ValueError(f"SamplingParams.pipeline_args: {name!r} comes from {FROM_REQUEST[name]}")
+            if name not in parameters:
+                allowed = sorted(set(parameters) - set(ENGINE_CONTROLLED) - set(FROM_REQUEST) - {"self"})
+                raise ValueError(
+                    f"SamplingParams.pipeline_args: {info.pipeline_class} takes no argument {name!r}; "
+                    f"allowed: {', '.join(allowed)}"
+                )
+
+    @classmethod
+    def check_scheduler_choice(cls, info, params) -> None:
+        check_scheduler(info.scheduler_config, params.scheduler, params.scheduler_config, info.flow)
+
+    # -- serving ---------------------------------------------------------------------------
+    def __init__(self, pipe: Any, info: Any, device: torch.device):
+        if not any(isinstance(getattr(pipe, name, None), torch.nn.Module) for name in PROXIED):
+            raise ValueError(f"{type(pipe).__name__} has no {' or '.join(PROXIED)} module to batch")
+        super().__init__(pipe, info, device)
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.text_padding = TEXT_PADDING.get(type(pipe).__name__, [])
+        self._parameters = _call_parameters(type(pipe))
+        # Forwards the requests asked for, and the joined forwards that ran them (calls/forwards
+        # is the mean join width, for tests and benchmarks).
+        self.forward_calls = 0
+        self.forwards_run = 0
+
+    def parameter_count(self) -> int:
+        modules = [getattr(self.pipe, name, None) for name in PROXIED]
+        return sum(p.numel() for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters())
+
+    def prepare_encode(self, request: NewRequest) -> AdapterState:
+        params = request.params
+        pipe = copy.copy(self.pipe)  # __call__ writes per-call attributes on the pipeline object
+        if params.scheduler is None and not params.scheduler_config:
+            scheduler = copy.deepcopy(self.pipe.scheduler)
+        else:
+            scheduler = build_scheduler(
+                self.info.scheduler_config, params.scheduler, params.scheduler_config, self.info.flow
+            )
+        pipe.__dict__["scheduler"] = scheduler  # past DiffusionPipeline.__setattr__, which edits the config
+        state = AdapterState(request, pipe, self._call_kwargs(request), params.num_inference_steps)
+        for name in PROXIED:
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                pipe.__dict__[name] = _ForwardProxy(self, state, module)
+        return state
+
+    def _call_kwargs(self, request: NewRequest) -> dict[str, Any]:
+        params = request.params
+        wanted = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "num_inference_steps": params.num_inference_steps,
+            "height": params.height or self.info.default_height,
+            "width": params.width or self.info.default_width,
+            "true_cfg_scale": params.true_cfg_scale,
+            "guidance_scale": params.guidance_scale,
+        }
+        kwargs = {k: v for k, v in wanted.items() if v is not None and k in self._parameters}
+        kwargs.update(params.pipeline_args or {})
+        kwargs["generator"] = self.new_generator(request)
+        return kwargs
+
+    def advance(self, states: Sequence[AdapterState]) -> list[tuple[str, Any]]:
+        """One step of every request in `states`: ("progress", None), ("finished", image) or
+        ("failed", exception) each, in order."""
+        for state in states:
+            if state.thread is None:
+                name = f"stepweave-request-{state.request_id}"
+                state.thread = threading.Thread(target=self._run, args=(state,), name=name, daemon=True)
+                state.thread.start()
+            else:
+                state.resume.set()
+        outcomes: dict[int, tuple[str, Any]] = {}
+        running, waiting = {id(s) for s in states}, []
+        while running:
+            kind, state, payload = self.events.get()
+            if kind == "forward":
+                waiting.append(payload)
+            else:
+                running.discard(id(state))
+                outcomes[id(state)] = (kind, payload)
+            if waiting and len(waiting) == len(running):  # every released thread is blocked in a forward
+                groups = group_calls(waiting)
+                with torch.inference_mode(False), torch.no_grad():
+                    for group in groups:
+                        run_group(group)
+                self.forward_calls += len(waiting)
+                self.forwards_run += len(groups)
+                waiting = []
+        return [outcomes[id(state)] for state in states]
+
+    def release(self, state: Any) -> None:
+        """Unwind a request's thread (aborted, failed or dropped) and wait until it has ended."""
+        thread = getattr(state, "thread", None)
+        if thread is not None and thread.is_alive():
+            state.aborted = True
+            state.resume.set()
+            thread.join(timeout=60)
+
+    # -- the request's thread ----------------------------------------------------------------
+    def _run(self, state: AdapterState) -> None:
+        try:
+            output = state.pipe(
+                **state.call_kwargs,
+                callback_on_step_end=functools.partial(self._at_step_end, state),
+                output_type="np",
+                return_dict=True,
+            )
+            images = getattr(output, "images", None)
+            if images is None:
+                raise ValueError(f"{type(self.pipe).__name__} returned no images (only image pipelines are served)")
+            images = np.asarray(images, dtype=np.float32)
+            if not np.isfinite(images).all():
+                raise FloatingPointError("the image is not finite")
+        except _Aborted:
+            return  # the runner dropped this request and waits for the thread to end
+        except BaseException as exc:
+            self.events.put(("failed", state, exc))
+            return
+        state.step_index = state.num_steps
+        state.image = images[:1]
+        self.events.put(("finished", state, state.image))
+
+    def _at_step_end(self, state: AdapterState, pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+        state.step_index = index + 1
+        total = getattr(pipe, "_num_timesteps", None)
+        if isinstance(total, int) and total > 0:
+            state.num_steps = total
+        if state.step_index < state.num_steps:  # after the last step, go straight on to decoding
+            self.events.put(("progress", state, None))
+            state.resume.wait()
+            state.resume.clear()
+            if state.aborted:
+                raise _Aborted()
+        return {}
+
+
+@functools.lru_cache(maxsize=64)
+def _call_parameters(pipe_cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(pipe_cls.__call__).parameters)
