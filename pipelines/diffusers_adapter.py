@@ -32,8 +32,10 @@ from pipelines.forward_batching import TEXT_PADDING, ForwardCall, group_calls, r
 from pipelines.schedulers import build_scheduler, check_scheduler
 from pipelines.step_pipeline import StepPipeline, check_text
 
-# Components that are replaced by proxies (the denoisers; Wan 2.2 has two).
+# Components that are replaced by proxies: the denoisers (Wan 2.2 has two), whose forwards are
+# joined; and the VAE, whose decode calls of requests that finish in the same step are joined.
 PROXIED = ("transformer", "transformer_2")
+PROXIED_METHODS = {"vae": ("decode",)}
 # __call__ arguments the engine sets itself; a request may not pass them in pipeline_args.
 ENGINE_CONTROLLED = (
     "generator",
@@ -89,13 +91,22 @@ class AdapterState:
 
 
 class _ForwardProxy:
-    """Stands in for a denoiser inside one request's pipeline copy."""
+    """Stands in for a module inside one request's pipeline copy: calling it (or one of the
+    `methods` named) hands the call to the runner; every other attribute is the module's."""
 
-    def __init__(self, adapter: DiffusersAdapterPipeline, state: AdapterState, module: torch.nn.Module):
-        self._adapter, self._state, self._module = adapter, state, module
+    def __init__(self, adapter: DiffusersAdapterPipeline, state: AdapterState, module: Any, methods=()):
+        self._adapter, self._state, self._module, self._methods = adapter, state, module, methods
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = ForwardCall(self._module, args, kwargs, padding=self._adapter.text_padding)
+        return self._hand_over(self._module, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._methods:
+            return functools.partial(self._hand_over, getattr(self._module, name))
+        return getattr(self._module, name)
+
+    def _hand_over(self, function: Any, /, *args: Any, **kwargs: Any) -> Any:
+        call = ForwardCall(function, args, kwargs, padding=self._adapter.text_padding)
         self._adapter.events.put(("forward", self._state, call))
         call.done.wait()
         if self._state.aborted:
@@ -103,9 +114,6 @@ class _ForwardProxy:
         if call.error is not None:
             raise call.error
         return call.result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
 
 
 class DiffusersAdapterPipeline(StepPipeline):
@@ -206,6 +214,10 @@ class DiffusersAdapterPipeline(StepPipeline):
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 pipe.__dict__[name] = _ForwardProxy(self, state, module)
+        for name, methods in PROXIED_METHODS.items():
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                pipe.__dict__[name] = _ForwardProxy(self, state, module, methods)
         return state
 
     def _call_kwargs(self, request: NewRequest) -> dict[str, Any]:

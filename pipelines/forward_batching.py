@@ -30,7 +30,7 @@ TEXT_PADDING: dict[str, list[tuple[str, str]]] = {
 class ForwardCall:
     """One proxied forward, waiting in its request's thread for `done`."""
 
-    module: Any
+    module: Any  # the module, or a bound method such as a VAE's decode
     args: tuple
     kwargs: dict
     padding: list[tuple[str, str]] = field(default_factory=list)
@@ -92,7 +92,8 @@ def _run_alone(call: ForwardCall) -> None:
 
 # -- joining ---------------------------------------------------------------------------------
 def _joinable(a: ForwardCall, b: ForwardCall) -> bool:
-    if a.module is not b.module or len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
+    # The same module, or the same bound method of one (a fresh object on every attribute read).
+    if a.module != b.module or len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
         return False
     padded = _padded_pairs(a)
     for text, _ in padded:

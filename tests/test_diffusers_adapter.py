@@ -106,10 +106,11 @@ def test_qwen_through_adapter_co_batched_matches_diffusers(qwen):
     assert len(finished) == len(cases)
     for (_, request), (_, prompt, params) in zip(requests, cases, strict=True):
         _check(omni, pipe, finished[request.request_id], prompt, params)
-    # Prompts of different lengths, with and without CFG, at different steps shared forwards
-    # (the 32x64 request cannot join the 64x64 ones; alone every call would be its own forward).
+    # Prompts of different lengths, with and without CFG, at different steps shared forwards, and
+    # same-size requests finishing together shared a VAE decode (the 32x64 request cannot join
+    # the 64x64 ones; alone every call would be a forward of its own).
     calls, forwards = runner_pipeline.forward_calls - calls, runner_pipeline.forwards_run - forwards
-    assert forwards <= 0.6 * calls, (calls, forwards)
+    assert forwards <= 0.65 * calls, (calls, forwards)
     assert core.executor.state_ids() == [] and adapter_threads() == []
 
 
