@@ -5,16 +5,20 @@ prompt. The same requests, on the same weights, are served by:
 - `diffusers-sequential`: diffusers' own pipeline, one request at a time in arrival order;
 - `diffusers-static`: the diffusers pipeline on batches of waiting requests that share their
   parameters (up to the same batch size), each batch run to completion;
-- `stepweave-N`: the AsyncEngine with max_num_seqs=N, requests submitted at their arrival times.
+- `stepweave-N`: the AsyncEngine with max_num_seqs=N, requests submitted at their arrival times;
+- `stepweave-adapter-N` (with --adapter): the same through the generic diffusers adapter, for a
+  model that also has a hand-split family (models without one always run through the adapter).
 The baselines run on a simulated clock (a server that is idle jumps to the next arrival; compute
-durations are real), which gives them every benefit of the doubt.
-Usage: python benchmarks/throughput.py [--model small-qwen-image] [--max-num-seqs 1 4 8 16] [--rate R]
+durations are real), which gives them every benefit of the doubt. The CFG scale goes to the
+pipeline's `true_cfg_scale` where it has one (Qwen-Image, FLUX), else to `guidance_scale` (SD3).
+Usage: python benchmarks/throughput.py [--model small-qwen-image] [--max-num-seqs 1 4 8 16] [--rate R] [--adapter]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import random
 import statistics
@@ -37,6 +41,7 @@ PROMPTS = [
 ]
 NEGATIVES = ["blurry", "low quality, jpeg artifacts", "dark, noisy"]
 CFG_SCALE = 4.0
+CFG_KEY = "true_cfg_scale"  # set in main() from the pipeline's signature
 
 
 @dataclass
@@ -72,7 +77,7 @@ def _call(pipe, specs: list[Spec], size: tuple[int, int]) -> float:
     pipe(
         prompt=[s.prompt for s in specs],
         negative_prompt=[s.negative for s in specs],
-        true_cfg_scale=CFG_SCALE,
+        **{CFG_KEY: CFG_SCALE},
         num_inference_steps=specs[0].steps,
         height=size[0],
         width=size[1],
@@ -110,7 +115,7 @@ async def _serve_stepweave(engine, specs: list[Spec], size) -> list[Done]:
         arrival = time.perf_counter() - start
         params = SamplingParams(
             num_inference_steps=spec.steps,
-            true_cfg_scale=CFG_SCALE,
+            **{CFG_KEY: CFG_SCALE},
             seed=spec.seed,
             height=size[0],
             width=size[1],
@@ -132,10 +137,12 @@ async def _serve_stepweave(engine, specs: list[Spec], size) -> list[Done]:
     return await asyncio.gather(*(one(s) for s in specs))
 
 
-def serve_stepweave(model: str, specs: list[Spec], size, max_num_seqs: int, executor: str) -> tuple[list[Done], float]:
+def serve_stepweave(
+    model: str, specs: list[Spec], size, max_num_seqs: int, executor: str, adapter: bool = False
+) -> tuple[list[Done], float]:
     from engine import AsyncEngine
 
-    engine = AsyncEngine(model=model, max_num_seqs=max_num_seqs, executor=executor)
+    engine = AsyncEngine(model=model, max_num_seqs=max_num_seqs, executor=executor, diffusers_adapter=adapter)
     try:
         warm = [Spec(0, 0.0, 2, PROMPTS[0], NEGATIVES[0], 0)]
         asyncio.run(_serve_stepweave(engine, warm, size))
@@ -198,6 +205,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-num-seqs", type=int, nargs="+", default=[8])
     parser.add_argument("--executor", choices=["mp", "inproc"], default="mp")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every system's model")
+    parser.add_argument("--adapter", action="store_true", help="also serve through the generic diffusers adapter")
     parser.add_argument("--json", default="benchmarks/results/throughput.json")
     parser.add_argument("--plot", default="benchmarks/results/throughput.png")
     args = parser.parse_args(argv)
@@ -212,6 +220,10 @@ def main(argv=None) -> dict:
     size = (info.default_height, info.default_width)
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path))
     pipe.set_progress_bar_config(disable=True)
+    global CFG_KEY
+    CFG_KEY = (
+        "true_cfg_scale" if "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters else "guidance_scale"
+    )
     probe = Spec(0, 0.0, min(args.steps), PROMPTS[0], NEGATIVES[0], 0)
     _call(pipe, [probe], size)  # warm-up
     short = _call(pipe, [probe], size)
@@ -230,16 +242,21 @@ def main(argv=None) -> dict:
     for n in args.max_num_seqs:
         done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor)
         systems[f"stepweave-{n}"] = summarize(done, occupancy)
+        if args.adapter:
+            done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor, adapter=True)
+            systems[f"stepweave-adapter-{n}"] = summarize(done, occupancy)
 
     widest = max(args.max_num_seqs)
-    limit = forward_seconds(str(info.path), rows=2, threads=torch.get_num_threads()) / (
-        forward_seconds(str(info.path), rows=2 * widest, threads=torch.get_num_threads()) / widest
-    )
     base = systems["diffusers-sequential"]["throughput_rps"]
+    limit = None  # measured with a hand-split family's forward_rows; adapter-only models have none
+    if not info.family.steps_whole_calls:
+        limit = forward_seconds(str(info.path), rows=2, threads=torch.get_num_threads()) / (
+            forward_seconds(str(info.path), rows=2 * widest, threads=torch.get_num_threads()) / widest
+        )
     report = {
         "systems": systems,
         "batch_compute_limit": limit,
-        "efficiency": {name: s["throughput_rps"] / base / limit for name, s in systems.items()},
+        "efficiency": {name: s["throughput_rps"] / base / limit for name, s in systems.items()} if limit else {},
         "config": {
             **vars(args),
             "sequential_service_s": service,
@@ -252,9 +269,11 @@ def main(argv=None) -> dict:
         print(
             f"| {name} | {s['throughput_rps']:.3f} | {s['throughput_rps'] / base:.2f} | {s['steps_per_s']:.1f} | "
             f"{s['p50_latency_s']:.2f} | {s['p99_latency_s']:.2f} | {s['mean_queue_s']:.2f} | "
-            f"{s['mean_batch_occupancy']:.2f} | {report['efficiency'][name]:.2f} |"
+            f"{s['mean_batch_occupancy']:.2f} | {report['efficiency'].get(name, float('nan')):.2f} |"
         )
-    print(f"batch-compute limit (batch {widest} vs 1): x{limit:.2f}; arrival rate {rate:.2f} req/s")
+    if limit is not None:
+        print(f"batch-compute limit (batch {widest} vs 1): x{limit:.2f}")
+    print(f"arrival rate {rate:.2f} req/s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
