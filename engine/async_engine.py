@@ -118,7 +118,9 @@ class AsyncEngine:
             while True:
                 if not self._drain_inputs(block=not core.has_work()):
                     return
-                if self._queries and core.pending_batches == 0:
+                # Answer state queries once nothing is in flight and every drop has been sent, so
+                # an abort that arrived with the query is reflected in the answer.
+                if self._queries and core.pending_batches == 0 and not core.scheduler.has_pending_drops():
                     self._answer_queries()
                     continue
                 outputs = core.step()

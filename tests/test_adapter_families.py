@@ -9,9 +9,10 @@ import diffusers
 import numpy as np
 import pytest
 
-from engine import Omni, SamplingParams
+from engine import EngineClient, Omni, SamplingParams
 from pipelines.diffusers_adapter import DiffusersAdapterPipeline
 from tests.conftest import run_staggered
+from tests.service_peers import ServerProcess
 from tests.test_diffusers_adapter import TOL, adapter_threads, reference
 
 # preset -> (diffusers class, [(join at step, prompt, params)]): at least four requests each,
@@ -125,3 +126,24 @@ def test_family_co_batched_with_staggered_joins_matches_diffusers(family):
     # some apart); run alone, every call would be a forward of its own.
     assert forwards < 0.8 * calls, (calls, forwards)
     assert core.executor.state_ids() == [] and adapter_threads() == []
+
+
+def test_server_and_client_serve_an_adapter_family(family):
+    """The ZeroMQ server and EngineClient need nothing new for an adapter family: the request,
+    pipeline_args included, crosses the wire and comes back equal to diffusers."""
+    name, omni, pipe = family
+    if name != "tiny-flux":
+        pytest.skip("one family is enough for the wire")
+    server = ServerProcess(omni.core.model_info.path).wait_ready()
+    try:
+        prompt = {"prompt": "a ship at sea"}
+        params = SamplingParams(
+            num_inference_steps=3, seed=6, pipeline_args={"max_sequence_length": 32}, output_type="np"
+        )
+        with EngineClient(server.address) as client:
+            (output,) = client.generate([prompt], params, use_tqdm=False)
+            (bad,) = client.generate([prompt], SamplingParams(pipeline_args={"no_such": 1}), use_tqdm=False)
+    finally:
+        server.stop()
+    _check(omni, pipe, output, prompt, params)
+    assert "FluxPipeline takes no argument 'no_such'" in bad.error

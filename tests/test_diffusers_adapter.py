@@ -206,7 +206,12 @@ async def test_worker_process_and_async_engine_serve_the_adapter(qwen_dir):
                 steps.append(out.step)
             return out, steps
 
-        results = await asyncio.gather(*(run(p, s) for p, s in cases))
+        async def cancelled():
+            async for out in engine.generate("a long walk", SamplingParams(num_inference_steps=50, seed=6)):
+                assert not out.finished
+                break  # the consumer leaves: the engine aborts the request and its thread ends
+
+        *results, _ = await asyncio.gather(*(run(p, s) for p, s in cases), cancelled())
         assert await engine.worker_state_ids() == []
     for (prompt, params), (output, steps) in zip(cases, results, strict=True):
         assert output.error is None, output.error

@@ -75,6 +75,10 @@ class StepScheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_pending_drops(self) -> bool:
+        """Worker state still to free with the next batch."""
+        return bool(self._drop)
+
     def has_work(self) -> bool:
         """Requests to step, or worker state still to drop."""
         return bool(self.waiting or self.running or self._drop)
