@@ -116,7 +116,7 @@ class AsyncEngine:
         core = self.core
         try:
             while True:
-                if not self._drain_inputs(block=not core.has_work()):
+                if not self._drain_inputs(block=not core.has_work() and not self._queries):
                     return
                 # Answer state queries once nothing is in flight and every drop has been sent, so
                 # an abort that arrived with the query is reflected in the answer.
