@@ -21,7 +21,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-parallel-size", type=int, default=1)
     parser.add_argument("--pp-size", type=int, default=1)
     parser.add_argument("--executor", choices=["inproc", "mp"], default="mp")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda (rank r on GPU r) or cuda:N (default: cuda when available)"
+    )
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (dynamic shapes)")
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -32,6 +36,8 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
         parallel_config=parallel,
         executor=args.executor,
         device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
         **extra,
     )
 

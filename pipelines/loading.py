@@ -16,11 +16,12 @@ def default_device() -> torch.device:
 def load_step_pipeline(
     model: str,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | None = None,
     family: str | None = None,
 ) -> StepPipeline:
     """`model` is a preset name or a diffusers directory; the family comes from model_index.json
-    through the registry unless `family` ("module:Class") names it."""
+    through the registry unless `family` ("module:Class") names it. `dtype` is a torch dtype
+    name ("bfloat16", ...); None loads as diffusers does by default (float32)."""
     import diffusers
     import transformers
 
@@ -30,7 +31,7 @@ def load_step_pipeline(
     info = ModelInfo.load(model, import_family(family) if family is not None else None)
     device = torch.device(device) if device is not None else default_device()
     try:
-        pipe = info.family.load_diffusers(info.path, dtype)
+        pipe = info.family.load_diffusers(info.path, getattr(torch, dtype) if dtype is not None else torch.float32)
     except Exception as exc:
         raise ValueError(f"cannot load model directory {str(info.path)!r}: {exc}") from exc
     pipe.to(device)

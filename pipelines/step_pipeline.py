@@ -134,6 +134,19 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
         CFG ranks that computed no row can still receive the others' predictions."""
         return tuple(state.latents.shape)
 
+    def compile_transformer(self) -> None:
+        """torch.compile the denoiser in place, with dynamic shapes so that requests joining and
+        leaving (a new batch size) reuse the graph; under pipeline parallelism, this stage's
+        blocks (the stage runs them one by one)."""
+        if self.pp_size > 1:
+            for block in self.transformer_blocks():
+                block.compile(dynamic=True)
+            return
+        for name in ("transformer", "transformer_2"):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.compile(dynamic=True)
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.pipe.transformer.parameters())
 

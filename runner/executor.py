@@ -34,10 +34,9 @@ class Executor(abc.ABC):
 
 class InprocExecutor(Executor):
     def __init__(self, config: EngineConfig, family: str):
-        from pipelines.loading import load_step_pipeline
-        from runner.model_runner import ModelRunner
+        from runner.model_runner import build_model_runner
 
-        self.runner = ModelRunner(load_step_pipeline(config.model, device=config.device, family=family))
+        self.runner = build_model_runner(config, family)
         self._results: deque[StepResults] = deque()
 
     def submit(self, batch: StepBatch) -> None:

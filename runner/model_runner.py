@@ -3,7 +3,9 @@
 Requests that cannot share a forward (different batch keys, e.g. image sizes) run as separate
 groups of the same step, so no request waits for an unrelated one. A failure stays with the
 request that caused it: a group whose forward raises is retried row by row, and a request whose
-prediction is not finite fails alone while the rest of its batch goes on.
+prediction is not finite fails alone while the rest of its batch goes on. The per-step path reads
+nothing back from the device: finiteness flags are copied asynchronously and checked one step
+later (`FiniteFlags`), so the host can queue the next step while the device works.
 """
 
 from __future__ import annotations
@@ -14,14 +16,35 @@ from typing import Any
 
 import torch
 
+from engine.contract.config import EngineConfig
 from engine.contract.messages import StepBatch, StepOutput, StepResults
 from pipelines.request_state import RequestState
+from runner.finite_flags import FiniteFlags
+
+
+def build_model_runner(config: EngineConfig, family: str, rank: int = 0, dist_address: str | None = None):
+    """Load the model for worker `rank` on its device and dtype, join the worker grid, compile
+    if asked, and wrap it in a runner."""
+    from pipelines.loading import load_step_pipeline
+    from runner.devices import rank_device
+
+    device = rank_device(config.device, rank)
+    pipeline = load_step_pipeline(config.model, device=device, dtype=config.dtype, family=family)
+    if config.parallel_config.world_size > 1:
+        from pipelines.parallel.groups import setup_parallel
+
+        setup_parallel(pipeline, rank, config.parallel_config, dist_address)
+    if config.compile:
+        pipeline.compile_transformer()
+    return ModelRunner(pipeline)
 
 
 class ModelRunner:
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
         self.states: dict[str, RequestState] = {}
+        # request id -> (its last step's flags, its row in them, the step they belong to)
+        self._unchecked: dict[str, tuple[FiniteFlags, int, int]] = {}
 
     def execute(self, batch: StepBatch) -> StepResults:
         start = time.perf_counter()
@@ -35,10 +58,12 @@ class ModelRunner:
         for state in list(self.states.values()):
             self.pipeline.release(state)
         self.states.clear()
+        self._unchecked.clear()
 
     def _execute(self, batch: StepBatch) -> list[StepOutput]:
         for request_id in batch.drop:
             state = self.states.pop(request_id, None)
+            self._unchecked.pop(request_id, None)
             if state is not None:
                 self.pipeline.release(state)
         outputs: list[StepOutput] = []
@@ -82,24 +107,32 @@ class ModelRunner:
             if len(group) == 1:
                 return [self._fail(group[0], exc)]
             return [out for state in group for out in self._step_group([state])]
+        flags = None
         if predictions is None:  # an earlier pipeline stage: the last stage predicts
-            predictions, finite = [None] * len(group), [True] * len(group)
+            predictions = [None] * len(group)
         else:
-            finite = torch.stack([_all_finite(p) for p in predictions]).tolist()
-        outputs: list[StepOutput | None] = [self._advance(s, p, ok) for s, p, ok in zip(group, predictions, finite)]
+            flags = FiniteFlags(predictions)
+        outputs: list[StepOutput | None] = []
+        for row, (state, prediction) in enumerate(zip(group, predictions, strict=True)):
+            output = self._advance(state, prediction)
+            if flags is not None and output is not None and not output.finished:
+                self._unchecked[state.request_id] = (flags, row, state.step_index)
+            outputs.append(output)
         done = [state for state, out in zip(group, outputs) if out is None]
         if done:
             finals = iter(self._finish(done))
             outputs = [out if out is not None else next(finals) for out in outputs]
         return outputs
 
-    def _advance(self, state: RequestState, prediction: Any, finite: bool) -> StepOutput | None:
-        """Step one request; None means it just took its last step and needs decoding."""
+    def _advance(self, state: RequestState, prediction: Any) -> StepOutput | None:
+        """Step one request, then check its previous step's prediction; None means it just took
+        its last step and needs decoding (whose own check covers the last prediction)."""
         try:
             # Stepped even when not finite: pipeline stages must see the same sequence of steps.
             self.pipeline.step_scheduler(state, prediction)
-            if not finite:
-                raise FloatingPointError(f"noise prediction is not finite at step {state.step_index}")
+            unchecked = self._unchecked.pop(state.request_id, None)
+            if unchecked is not None and not unchecked[0].finite(unchecked[1]):
+                raise FloatingPointError(f"noise prediction is not finite at step {unchecked[2]}")
         except Exception as exc:
             return self._fail(state, exc)
         if state.done:
@@ -146,14 +179,9 @@ class ModelRunner:
 
     def _fail(self, state: RequestState, exc: BaseException) -> StepOutput:
         self.states.pop(state.request_id, None)
+        self._unchecked.pop(state.request_id, None)
         self.pipeline.release(state)
         return _failure(state.request_id, state.step_index, state.num_steps, exc)
-
-
-def _all_finite(prediction: Any) -> torch.Tensor:
-    if isinstance(prediction, tuple):
-        return torch.stack([torch.isfinite(p).all() for p in prediction]).all()
-    return torch.isfinite(prediction).all()
 
 
 def _failure(request_id: str, step: int, num_steps: int, exc: BaseException) -> StepOutput:

@@ -102,16 +102,10 @@ def worker_main(config: WorkerConfig) -> None:
 
 def _build_runner(config: WorkerConfig):
     """The model runner for this rank, and whether this rank reports results."""
-    from pipelines.loading import load_step_pipeline
-    from runner.model_runner import ModelRunner
+    from runner.model_runner import build_model_runner
 
-    engine = config.engine
-    pipeline = load_step_pipeline(engine.model, device=engine.device, family=config.family)
-    if engine.parallel_config.world_size > 1:
-        from pipelines.parallel.groups import setup_parallel
-
-        setup_parallel(pipeline, config.rank, engine.parallel_config, config.dist_address)
-    return ModelRunner(pipeline), pipeline.reports_results
+    runner = build_model_runner(config.engine, config.family, config.rank, config.dist_address)
+    return runner, runner.pipeline.reports_results
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 EXECUTORS = ("mp", "inproc")
+DTYPES = ("bfloat16", "float16", "float32")
 MAX_RANKS_PER_AXIS = 16
 MAX_NUM_SEQS = 4096
 
@@ -68,8 +69,15 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     parallel_config: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
     # "mp": worker processes over ZeroMQ; "inproc": the model runs in the caller's process.
     executor: str = "mp"
-    # "cpu", "cuda" or "cuda:N"; None picks cuda when available.
+    # "cpu", "cuda" (rank r of the worker grid on GPU r, as CUDA_VISIBLE_DEVICES numbers them) or
+    # "cuda:N" (one rank, on GPU N); None: "cuda" when a GPU is visible, else "cpu".
     device: str | None = None
+    # Weights and activations: "bfloat16", "float16" or "float32"; None: diffusers' default
+    # load (float32, what the presets are saved in).
+    dtype: str | None = None
+    # torch.compile the transformer with dynamic shapes, so a change of batch size (requests
+    # joining and leaving) reuses the compiled graph instead of recompiling.
+    compile: bool = False
     # Bound on queued requests; more are rejected as overloaded. None: unbounded.
     max_waiting: int | None = None
     # Send step k+1 before step k's results are back. None: on wherever it can help (worker
@@ -93,8 +101,17 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"EngineConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
         if self.executor == "inproc" and self.parallel_config.world_size != 1:
             raise ValueError("executor='inproc' runs a single rank; use executor='mp' for parallel workers")
-        if self.device is not None and not isinstance(self.device, str):
+        if self.device is not None and not _is_device(self.device):
             raise ValueError(f"EngineConfig.device must be null, 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if isinstance(self.device, str) and self.device.startswith("cuda:") and self.parallel_config.world_size > 1:
+            raise ValueError(
+                f"EngineConfig.device={self.device!r} names one GPU, but the worker grid has "
+                f"{self.parallel_config.world_size} ranks; use device='cuda' (rank r on GPU r)"
+            )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be null or one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"EngineConfig.compile must be true or false, got {self.compile!r}")
         if self.max_waiting is not None:
             _int_at_least("max_waiting", self.max_waiting, 0, 1 << 30)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
@@ -127,3 +144,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
 def _int_at_least(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"EngineConfig.{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _is_device(value: Any) -> bool:
+    if value in ("cpu", "cuda"):
+        return True
+    return isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit()

@@ -24,6 +24,7 @@ from engine.core.request import Request
 from engine.core.scheduler import StepScheduler
 from pipelines.model_info import ModelInfo
 from pipelines.registry import family_path, served_families
+from runner.devices import check_devices
 from runner.executor import Executor
 
 
@@ -74,6 +75,7 @@ class EngineCore:
             max_waiting=config.max_waiting,
             overlap=async_scheduling and pp_size == 1,
         )
+        check_devices(self.config)
         self.executor = make_executor(self.config, family_path(family))
         self._ids = itertools.count()
         self._pending = 0  # batches submitted and not yet collected
