@@ -13,13 +13,13 @@ import time
 import torch
 
 
-def _inputs(pipeline, rows: int):
+def _inputs(pipeline, rows: int, size: tuple[int, int] | None = None):
     from engine.contract.messages import NewRequest
     from engine.contract.sampling_params import SamplingParams
 
     request = NewRequest(
         request_id="probe",
-        params=SamplingParams(num_inference_steps=4),
+        params=SamplingParams(num_inference_steps=4, height=size[0] if size else None, width=size[1] if size else None),
         prompt="a probe prompt for timing",
         negative_prompt="blurry",
     )
@@ -27,21 +27,36 @@ def _inputs(pipeline, rows: int):
     return [(state, i % state.num_branches) for i in range(rows)]
 
 
-def forward_seconds(model: str, rows: int, threads: int = 1, repeats: int = 5) -> float:
+def forward_seconds(
+    model: str,
+    rows: int,
+    threads: int = 1,
+    repeats: int = 5,
+    device: str = "cpu",
+    dtype: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> float:
     """Median seconds of one transformer forward over `rows` rows (in this process)."""
     from pipelines.loading import load_step_pipeline
 
     torch.set_num_threads(threads)
-    pipeline = load_step_pipeline(model, device="cpu")
-    batch = _inputs(pipeline, rows)
+    pipeline = load_step_pipeline(model, device=device, dtype=dtype)
+    batch = _inputs(pipeline, rows, size)
     samples = []
     with torch.inference_mode():
         pipeline.forward_rows(batch)  # warm-up
         for _ in range(repeats):
+            _sync(device)
             t0 = time.perf_counter()
             pipeline.forward_rows(batch)
+            _sync(device)
             samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _worker(model, rows, threads, repeats, barrier, queue):

@@ -138,11 +138,13 @@ async def _serve_stepweave(engine, specs: list[Spec], size) -> list[Done]:
 
 
 def serve_stepweave(
-    model: str, specs: list[Spec], size, max_num_seqs: int, executor: str, adapter: bool = False
+    model: str, specs: list[Spec], size, max_num_seqs: int, executor: str, adapter: bool = False, **options
 ) -> tuple[list[Done], float]:
     from engine import AsyncEngine
 
-    engine = AsyncEngine(model=model, max_num_seqs=max_num_seqs, executor=executor, diffusers_adapter=adapter)
+    engine = AsyncEngine(
+        model=model, max_num_seqs=max_num_seqs, executor=executor, diffusers_adapter=adapter, **options
+    )
     try:
         warm = [Spec(0, 0.0, 2, PROMPTS[0], NEGATIVES[0], 0)]
         asyncio.run(_serve_stepweave(engine, warm, size))
@@ -206,6 +208,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--executor", choices=["mp", "inproc"], default="mp")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every system's model")
     parser.add_argument("--adapter", action="store_true", help="also serve through the generic diffusers adapter")
+    parser.add_argument("--height", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="every system's device: cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: float32)")
     parser.add_argument("--json", default="benchmarks/results/throughput.json")
     parser.add_argument("--plot", default="benchmarks/results/throughput.png")
     args = parser.parse_args(argv)
@@ -217,9 +223,11 @@ def main(argv=None) -> dict:
     from pipelines.model_info import ModelInfo
 
     info = ModelInfo.load(args.model)
-    size = (info.default_height, info.default_width)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path))
+    size = (args.height or info.default_height, args.width or info.default_width)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path), dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    options = {"device": args.device, "dtype": args.dtype}
     global CFG_KEY
     CFG_KEY = (
         "true_cfg_scale" if "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters else "guidance_scale"
@@ -240,18 +248,19 @@ def main(argv=None) -> dict:
     done, batches = serve_diffusers(pipe, specs, size, max_batch=max(args.max_num_seqs))
     systems["diffusers-static"] = summarize(done, statistics.mean(batches))
     for n in args.max_num_seqs:
-        done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor)
+        done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor, **options)
         systems[f"stepweave-{n}"] = summarize(done, occupancy)
         if args.adapter:
-            done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor, adapter=True)
+            done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor, adapter=True, **options)
             systems[f"stepweave-adapter-{n}"] = summarize(done, occupancy)
 
     widest = max(args.max_num_seqs)
     base = systems["diffusers-sequential"]["throughput_rps"]
     limit = None  # measured with a hand-split family's forward_rows; adapter-only models have none
     if not info.family.steps_whole_calls:
-        limit = forward_seconds(str(info.path), rows=2, threads=torch.get_num_threads()) / (
-            forward_seconds(str(info.path), rows=2 * widest, threads=torch.get_num_threads()) / widest
+        cost = {"threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype, "size": size}
+        limit = forward_seconds(str(info.path), rows=2, **cost) / (
+            forward_seconds(str(info.path), rows=2 * widest, **cost) / widest
         )
     report = {
         "systems": systems,

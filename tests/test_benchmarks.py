@@ -135,3 +135,25 @@ def test_client_overhead_benchmark(tmp_path, qwen_dir):
     for key in ("async_client_overhead_ms", "sync_client_overhead_ms", "client_burst_overhead_ms"):
         assert math.isfinite(results[key])
     assert png.stat().st_size > 0
+
+
+def test_gpu_check_script_cpu_smoke(tmp_path, _preset_cache):
+    """benchmarks/gpu_check.sh runs its whole sequence on the CPU (tiny preset), so the script a
+    GPU lease depends on keeps working between leases."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OUT=str(tmp_path))
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "== CUDA tests" in log and "device: cpu (smoke)" in log
+    for load in ("open", "saturated"):
+        report = json.loads((tmp_path / f"throughput_32_{load}.json").read_text())
+        assert report["config"]["height"] == 32 and report["config"]["device"] == "cpu"
+        assert {"diffusers-sequential", "diffusers-static", "stepweave-2"} == set(report["systems"])
+    assert (tmp_path / "throughput_32_saturated.png").stat().st_size > 0

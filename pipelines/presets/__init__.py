@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from pipelines.presets.common import PresetSpec
 from pipelines.presets.dit import tiny_dit
 from pipelines.presets.flux import tiny_flux
@@ -51,6 +53,17 @@ PRESETS: dict[str, PresetSpec] = {
         160,
         lambda: qwen_image(layers=8, heads=8, head_dim=64, axes=(16, 24, 24)),
         "QwenImagePipeline, ~75M-parameter transformer (compute-bound on CPU); 160x160",
+    ),
+    # Qwen-Image's real transformer widths (3072 = 24 heads x 128, rope axes 16/56/56) and real
+    # VAE, with 2 of its 60 blocks and a tiny text encoder, random weights saved in bf16 (~1.5 GB):
+    # a step at 1024x1024 costs what two blocks of the real model cost. For GPUs
+    # (benchmarks/gpu_check.sh); far too slow for a CPU.
+    "gpu-qwen-image": PresetSpec(
+        "qwen-image",
+        1024,
+        1024,
+        lambda: qwen_image(layers=2, heads=24, head_dim=128, axes=(16, 56, 56), real_vae=True, dtype=torch.bfloat16),
+        "QwenImagePipeline at the real model's widths (2 of 60 blocks, ~0.7B transformer parameters), real VAE, bf16",
     ),
     "tiny-dit": PresetSpec(
         "dit",

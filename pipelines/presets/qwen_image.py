@@ -82,6 +82,14 @@ def _qwen_vae():
     return vae
 
 
+def _real_qwen_vae():
+    """Qwen-Image's own VAE architecture (diffusers' defaults: 16 latent channels, base width 96),
+    seeded random weights: decoding costs what the real model's decode costs."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage()
+
+
 def _qwen_scheduler():
     """Qwen-Image's own flow-matching schedule (resolution-dependent exponential shift)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -99,8 +107,11 @@ def _qwen_scheduler():
     )
 
 
-def qwen_image(*, layers: int, heads: int, head_dim: int, axes: tuple[int, int, int]):
-    """A QwenImagePipeline whose transformer has the given size; the rest is shared and tiny."""
+def qwen_image(
+    *, layers: int, heads: int, head_dim: int, axes: tuple[int, int, int], real_vae: bool = False, dtype=None
+):
+    """A QwenImagePipeline whose transformer has the given size; the text encoder is tiny, the VAE
+    tiny or (`real_vae`) the real architecture; saved in `dtype` (float32 when None)."""
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
     from pipelines.presets.tokenizer_training import SPECIAL_TOKENS, build_qwen_tokenizer
@@ -109,12 +120,13 @@ def qwen_image(*, layers: int, heads: int, head_dim: int, axes: tuple[int, int, 
     tokenizer = build_qwen_tokenizer()
     special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // 64) * 64  # round up: room for every token id
+    z_dim = 16 if real_vae else _QWEN_Z_DIM
 
     def transformer():
         model = QwenImageTransformer2DModel(
             patch_size=2,
-            in_channels=4 * _QWEN_Z_DIM,  # 2x2 latent patches are packed into channels
-            out_channels=_QWEN_Z_DIM,
+            in_channels=4 * z_dim,  # 2x2 latent patches are packed into channels
+            out_channels=z_dim,
             num_layers=layers,
             attention_head_dim=head_dim,
             num_attention_heads=heads,
@@ -126,10 +138,11 @@ def qwen_image(*, layers: int, heads: int, head_dim: int, axes: tuple[int, int, 
         init_linears_(model, {"_mod": 2.0, "proj_out": 0.5})
         return model
 
-    return QwenImagePipeline(
+    pipe = QwenImagePipeline(
         scheduler=_qwen_scheduler(),
-        vae=seeded(2, _qwen_vae),
+        vae=seeded(2, _real_qwen_vae if real_vae else _qwen_vae),
         text_encoder=seeded(3, lambda: _qwen_text_encoder(vocab_size, special_ids)),
         tokenizer=tokenizer,
         transformer=seeded(1, transformer),
     )
+    return pipe if dtype is None else pipe.to(dtype)
