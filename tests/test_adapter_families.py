@@ -6,14 +6,13 @@ sizes and prompt lengths; and their forwards really are joined."""
 from __future__ import annotations
 
 import diffusers
-import numpy as np
 import pytest
 
 from engine import EngineClient, Omni, SamplingParams
 from pipelines.diffusers_adapter import DiffusersAdapterPipeline
 from tests.conftest import run_staggered
 from tests.service_peers import ServerProcess
-from tests.test_diffusers_adapter import TOL, adapter_threads, reference
+from tests.test_diffusers_adapter import adapter_threads, check_output
 
 # preset -> (diffusers class, [(join at step, prompt, params)]): at least four requests each,
 # mixing CFG on and off, sizes, step counts and prompt lengths.
@@ -91,22 +90,13 @@ def _params(params: SamplingParams) -> SamplingParams:
     return msgspec.structs.replace(params, output_type="np")
 
 
-def _check(omni, pipe, output, prompt, params):
-    assert output.error is None, output.error
-    info = omni.core.model_info
-    expected = reference(pipe, prompt, params, (info.default_height, info.default_width))
-    assert output.images.shape == expected.shape
-    diff = float(np.abs(output.images - expected).max())
-    assert diff < TOL, f"max abs diff {diff} for {prompt} {params}"
-
-
 def test_family_alone_matches_diffusers(family):
     name, omni, pipe = family
     diffusers_class, cases = CASES[name]
     assert type(pipe) is diffusers_class and omni.core.model_info.family is DiffusersAdapterPipeline
     _, prompt, params = cases[1]
     (output,) = omni.generate([prompt], _params(params), use_tqdm=False)
-    _check(omni, pipe, output, prompt, _params(params))
+    check_output(omni, pipe, output, prompt, _params(params))
     assert output.metrics.num_steps == params.num_inference_steps
 
 
@@ -120,7 +110,7 @@ def test_family_co_batched_with_staggered_joins_matches_diffusers(family):
     finished = run_staggered(core, requests)
     assert len(finished) == len(cases)
     for (_, request), (_, prompt, params) in zip(requests, cases, strict=True):
-        _check(omni, pipe, finished[request.request_id], prompt, params)
+        check_output(omni, pipe, finished[request.request_id], prompt, params)
     calls, forwards = runner_pipeline.forward_calls - calls, runner_pipeline.forwards_run - forwards
     # Joined where the inputs allow (sizes, text lengths and FLUX's separate true-CFG call keep
     # some apart); run alone, every call would be a forward of its own.
@@ -145,5 +135,5 @@ def test_server_and_client_serve_an_adapter_family(family):
             (bad,) = client.generate([prompt], SamplingParams(pipeline_args={"no_such": 1}), use_tqdm=False)
     finally:
         server.stop()
-    _check(omni, pipe, output, prompt, params)
+    check_output(omni, pipe, output, prompt, params)
     assert "FluxPipeline takes no argument 'no_such'" in bad.error

@@ -61,7 +61,8 @@ def qwen(qwen_dir):
         yield omni, pipe
 
 
-def _check(omni, pipe, output, prompt, params):
+def check_output(omni, pipe, output, prompt, params):
+    """`output` equals what diffusers' pipeline returns for the same request."""
     assert output.error is None, output.error
     info = omni.core.model_info
     expected = reference(pipe, prompt, params, (info.default_height, info.default_width))
@@ -105,7 +106,7 @@ def test_qwen_through_adapter_co_batched_matches_diffusers(qwen):
     finished = run_staggered(core, requests)
     assert len(finished) == len(cases)
     for (_, request), (_, prompt, params) in zip(requests, cases, strict=True):
-        _check(omni, pipe, finished[request.request_id], prompt, params)
+        check_output(omni, pipe, finished[request.request_id], prompt, params)
     # Prompts of different lengths, with and without CFG, at different steps shared forwards, and
     # same-size requests finishing together shared a VAE decode (the 32x64 request cannot join
     # the 64x64 ones; alone every call would be a forward of its own).
@@ -140,7 +141,7 @@ def test_abort_and_failure_stay_with_their_request(qwen):
     while core.has_work():
         finished.update({o.request_id: o for o in core.step() if o.finished})
     assert set(finished) == {keep.request_id}
-    _check(omni, pipe, finished[keep.request_id], keep_prompt, keep_params)
+    check_output(omni, pipe, finished[keep.request_id], keep_prompt, keep_params)
     assert core.executor.state_ids() == [] and adapter_threads() == []
 
 
