@@ -68,7 +68,7 @@ class QwenImageStepPipeline(StepPipeline):
     def __init__(self, pipe, info, device):
         super().__init__(pipe, info, device)
         self.vae_scale_factor = pipe.vae_scale_factor
-        self._text_cache_key: tuple = ()
+        self._text_cache_rows: list = []  # the (state, branch) rows of the cached result
         self._text_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def prepare_encode(self, request: NewRequest) -> QwenImageState:
@@ -190,9 +190,11 @@ class QwenImageStepPipeline(StepPipeline):
     def _text_inputs(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Right-padded prompt embeddings and their mask (None when nothing is padded). A step
         batch usually repeats the previous one's rows, so the last result is reused."""
-        key = tuple((state.request_id, branch) for state, branch in rows)
-        if key == self._text_cache_key and self._text_cache is not None:
-            return self._text_cache
+        # Compared by identity, not by request id: a new request may reuse an id.
+        cached = self._text_cache_rows
+        if self._text_cache is not None and len(cached) == len(rows):
+            if all(s is cs and b == cb for (s, b), (cs, cb) in zip(rows, cached)):
+                return self._text_cache
         inputs = [state.branch_inputs[branch] for state, branch in rows]
         lengths = [i["length"] for i in inputs]
         longest = max(lengths)
@@ -206,7 +208,7 @@ class QwenImageStepPipeline(StepPipeline):
                 embeds[row, : item["length"]] = item["embeds"][0]
                 mask[row, : item["length"]] = True
             result = (embeds, mask)
-        self._text_cache_key, self._text_cache = key, result
+        self._text_cache_rows, self._text_cache = list(rows), result
         return result
 
     def post_decode(self, states: Sequence[QwenImageState]) -> list[np.ndarray]:

@@ -39,13 +39,17 @@ class Request:
     steps_scheduled: int = 0
     in_flight: int = 0  # step batches holding this request that have not come back yet
     sent_to_workers: bool = False
+    # The id the workers know this incarnation by: the request id, unless an earlier request with
+    # that id may still have state or results on their side (then the scheduler makes it unique).
+    wire_id: str = ""
 
     def __post_init__(self) -> None:
         self.num_steps = self.params.num_inference_steps
+        self.wire_id = self.wire_id or self.request_id
 
     def to_new_request(self) -> NewRequest:
         return NewRequest(
-            request_id=self.request_id,
+            request_id=self.wire_id,
             params=self.params,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,

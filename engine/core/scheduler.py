@@ -13,6 +13,7 @@ they arrive.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 
@@ -36,10 +37,12 @@ class StepScheduler:
         self.overlap = overlap
         self._per_request_limit = 2 if overlap else 1
         self.waiting: deque[Request] = deque()
-        self.running: dict[str, Request] = {}
-        self.in_flight: dict[int, list[str]] = {}  # step_id -> request ids
-        self._drop: list[str] = []
+        self.running: dict[str, Request] = {}  # by request id
+        self._by_wire: dict[str, Request] = {}  # the running requests by the id the workers know
+        self.in_flight: dict[int, list[str]] = {}  # step_id -> wire ids
+        self._drop: list[str] = []  # wire ids
         self._next_step_id = 0
+        self._reuse = itertools.count()
 
     # -- requests in -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -47,7 +50,20 @@ class StepScheduler:
             raise OverloadedError(
                 f"engine overloaded: {len(self.waiting)} requests already waiting (max_waiting={self.max_waiting})"
             )
+        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+            raise ValueError(f"request_id {request.request_id!r} is already in flight")
+        request.wire_id = self._fresh_wire_id(request.request_id)
         self.waiting.append(request)
+
+    def _fresh_wire_id(self, request_id: str) -> str:
+        """The request id, unless an earlier request with that id (aborted, failed, or finished
+        with results still on their way) may still have state or results in flight: then a
+        suffixed one, so nothing of the old request can reach the new one."""
+        busy = {*self._drop, *self._by_wire, *(i for ids in self.in_flight.values() for i in ids)}
+        wire_id = request_id
+        while wire_id in busy:
+            wire_id = f"{request_id}#{next(self._reuse)}"
+        return wire_id
 
     def abort(self, request_id: str, now: float | None = None) -> RequestOutput | None:
         """End a waiting or running request; its worker state is dropped with the next batch."""
@@ -58,14 +74,16 @@ class StepScheduler:
         request = self.running.pop(request_id, None)
         if request is None:
             return None
+        del self._by_wire[request.wire_id]
         if request.sent_to_workers:
-            self._drop.append(request_id)
+            self._drop.append(request.wire_id)
         return self._finish(request, RequestStatus.ABORTED, "request aborted", now)
 
     def fail_all(self, error: str, now: float | None = None) -> list[RequestOutput]:
         """End every request with `error` (the workers are gone)."""
         outputs = [self._finish(r, RequestStatus.FAILED, error, now) for r in [*self.running.values(), *self.waiting]]
         self.running.clear()
+        self._by_wire.clear()
         self.waiting.clear()
         self.in_flight.clear()
         self._drop.clear()
@@ -92,6 +110,7 @@ class StepScheduler:
             request = self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running[request.request_id] = request
+            self._by_wire[request.wire_id] = request
         new, cached = [], []
         # Disjoint batches in flight (pipeline parallelism): give each batch an equal share of
         # the running requests, so every stage has work.
@@ -108,7 +127,7 @@ class StepScheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
             if request.sent_to_workers:
-                cached.append(request.request_id)
+                cached.append(request.wire_id)
             else:
                 new.append(request.to_new_request())
                 request.sent_to_workers = True
@@ -132,28 +151,32 @@ class StepScheduler:
         seen = set()
         for out in results.outputs:
             seen.add(out.request_id)
-            request = self.running.get(out.request_id)
+            request = self._by_wire.get(out.request_id)
             if request is None:  # aborted while its step was in flight
                 continue
             request.in_flight -= 1
             request.step, request.num_steps = out.step, out.num_steps
             if out.error is not None:
-                del self.running[out.request_id]
+                self._forget(request)
                 self._drop.append(out.request_id)  # other ranks may still hold its state
                 outputs.append(self._finish(request, RequestStatus.FAILED, out.error, now))
             elif out.finished:
-                del self.running[out.request_id]
+                self._forget(request)
                 images = to_images(out.image, request.params.output_type)
                 outputs.append(self._finish(request, RequestStatus.FINISHED, None, now, images))
             else:
-                outputs.append(RequestOutput(out.request_id, out.step, out.num_steps, seed=request.seed))
-        for request_id in ids:
-            request = self.running.get(request_id)
-            if request_id not in seen and request is not None:
-                del self.running[request_id]
-                self._drop.append(request_id)
+                outputs.append(RequestOutput(request.request_id, out.step, out.num_steps, seed=request.seed))
+        for wire_id in ids:
+            request = self._by_wire.get(wire_id)
+            if wire_id not in seen and request is not None:
+                self._forget(request)
+                self._drop.append(wire_id)
                 outputs.append(self._finish(request, RequestStatus.FAILED, "worker returned no result", now))
         return outputs
+
+    def _forget(self, request: Request) -> None:
+        del self.running[request.request_id]
+        del self._by_wire[request.wire_id]
 
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, request, status, error, now, images=None) -> RequestOutput:

@@ -1,0 +1,63 @@
+"""A request id names one request for its life: a live id is refused, and an id reused after its
+request ended (finished, aborted, failed) gets fresh state, so nothing of the old request (a
+cached prompt embedding, an in-flight result, worker state) reaches the new one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import AsyncEngine, SamplingParams
+from engine.contract.messages import StepOutput, StepResults
+from engine.core.request import Request
+from engine.core.scheduler import StepScheduler
+
+
+def _request(request_id: str, steps: int = 3) -> Request:
+    return Request(request_id=request_id, params=SamplingParams(num_inference_steps=steps), seed=0, arrival_time=0.0)
+
+
+def test_scheduler_refuses_a_live_id_and_isolates_a_reused_one():
+    s = StepScheduler(max_num_seqs=4, max_batches_in_flight=2, overlap=True)
+    s.add_request(_request("fox"))
+    with pytest.raises(ValueError, match="'fox' is already in flight"):
+        s.add_request(_request("fox"))
+    b0 = s.schedule(0.0)
+    assert [n.request_id for n in b0.new] == ["fox"]
+    s.abort("fox")
+    s.add_request(_request("fox"))  # resubmitted while the old one's step is still in flight
+    b1 = s.schedule(0.0)
+    (new,) = b1.new
+    assert b1.drop == ["fox"] and new.request_id != "fox"
+    # The old incarnation's result comes back late: it must not count for the new one.
+    late = StepResults(step_id=b0.step_id, outputs=[StepOutput(request_id="fox", step=3, num_steps=3, finished=True)])
+    assert s.update(late, 0.0) == []
+    (progress,) = s.update(
+        StepResults(step_id=b1.step_id, outputs=[StepOutput(request_id=new.request_id, step=1, num_steps=3)]), 0.0
+    )
+    assert progress.request_id == "fox" and progress.step == 1 and not progress.finished
+
+
+async def _final(engine, prompt, params, request_id):
+    async for out in engine.generate(prompt, params, request_id=request_id):
+        pass
+    assert out.error is None, out.error
+    return out.images
+
+
+@pytest.mark.parametrize("executor", ["inproc", "mp"])
+async def test_reused_ids_get_their_own_prompt_and_state(qwen_dir, executor):
+    params = SamplingParams(num_inference_steps=3, seed=5, output_type="np")
+    async with AsyncEngine(model=str(qwen_dir), executor=executor) as engine:
+        expected = {p: await _final(engine, p, params, f"fresh-{p}") for p in ("a red fox", "a blue whale")}
+        # Twice in a row, different prompts: the second must not reuse the first's prompt.
+        assert np.array_equal(await _final(engine, "a red fox", params, "fox"), expected["a red fox"])
+        assert np.array_equal(await _final(engine, "a blue whale", params, "fox"), expected["a blue whale"])
+        # Aborted mid-run, then resubmitted at once under the same id.
+        stream = engine.generate("a red fox", SamplingParams(num_inference_steps=50, seed=1), request_id="fox")
+        async for out in stream:
+            if out.step >= 2:
+                break
+        await stream.aclose()  # leaving the stream aborts the request
+        assert np.array_equal(await _final(engine, "a blue whale", params, "fox"), expected["a blue whale"])
+        assert await engine.worker_state_ids() == []
