@@ -119,8 +119,18 @@ class MultiprocExecutor(Executor):
         self._check_alive()
         frames = self._encoder.encode(batch)
         for sock in self._batch_sockets:
-            sock.send_multipart(frames, copy=False)
+            self._send(sock, frames)
         self._outstanding.append(batch.step_id)
+
+    def _send(self, sock: zmq.Socket, frames: list) -> None:
+        """A PUSH send blocks while its worker is not connected: never wait on a dead one."""
+        while True:
+            try:
+                sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self._check_workers()
+                time.sleep(0.005)
 
     def collect(self, timeout: float | None = None) -> StepResults:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -161,10 +171,14 @@ class MultiprocExecutor(Executor):
                 return self._decoder.decode(frames)
             except WireError as exc:
                 self._mark_dead(f"undecodable message from a worker: {exc}")
+        self._check_workers()
+        return None
+
+    def _check_workers(self) -> None:
+        """Raise EngineDeadError (and shut the rest down) once any worker has exited."""
         for rank, process in enumerate(self.processes):
             if process.exitcode is not None:
                 self._mark_dead(f"worker {rank} (pid {process.pid}) died with exit code {process.exitcode}")
-        return None
 
     def _check_alive(self) -> None:
         if self._dead is not None:

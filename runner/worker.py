@@ -8,9 +8,10 @@ engine.
 
 from __future__ import annotations
 
-import ctypes
 import os
+import select
 import signal
+import threading
 import time
 import traceback
 
@@ -34,18 +35,30 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     num_threads: int
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _die_with_parent(parent: int) -> None:
+    """Exit as soon as the engine process is gone, however it went (kill -9 included).
+
+    Watches the parent *process* (a pidfd that becomes readable when it exits; polling its pid
+    where pidfds are missing), not the parent-death signal: that one fires when the *thread*
+    that started the worker exits, which killed the workers of an engine built in a thread."""
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent)
+        except (AttributeError, OSError):
+            while os.getppid() == parent:
+                time.sleep(0.5)
+        else:
+            select.select([fd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="stepweave-parent-watch", daemon=True).start()
 
 
 def worker_main(config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
     parent = os.getppid()
+    _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(config.num_threads)

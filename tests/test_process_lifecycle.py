@@ -73,3 +73,39 @@ def test_worker_does_not_outlive_engine(qwen_dir, how):
         proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
         proc.wait(60)
     assert _wait_gone(worker_pid), f"worker {worker_pid} survived ({how})"
+
+
+def test_engine_built_in_a_thread_that_has_exited_still_serves(qwen_dir):
+    """Workers watch the engine process, not the thread that started them (the parent-death
+    signal fires when that thread exits, which used to kill them and hang the next request)."""
+    import threading
+
+    from engine import Omni, SamplingParams
+
+    built = {}
+    thread = threading.Thread(target=lambda: built.setdefault("omni", Omni(model=str(qwen_dir), executor="mp")))
+    thread.start()
+    thread.join()
+    omni = built["omni"]
+    try:
+        time.sleep(0.5)
+        assert all(p.is_alive() for p in omni.core.executor.processes)
+        (output,) = omni.generate(["a fox"], SamplingParams(num_inference_steps=2), use_tqdm=False)
+        assert output.error is None and len(output.images) == 1
+    finally:
+        omni.shutdown()
+
+
+def test_a_dead_worker_fails_the_next_request_instead_of_hanging(qwen_dir):
+    from engine import EngineDeadError, Omni, SamplingParams
+
+    omni = Omni(model=str(qwen_dir), executor="mp")
+    try:
+        os.kill(omni.core.executor.processes[0].pid, signal.SIGKILL)
+        _wait_gone(omni.core.executor.processes[0].pid)
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="died"):
+            omni.generate(["a fox"], SamplingParams(num_inference_steps=2), use_tqdm=False)
+        assert time.monotonic() - started < 10
+    finally:
+        omni.shutdown()
