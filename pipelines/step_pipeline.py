@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.contract.messages import NewRequest
+from engine.contract.sampling_params import short_repr
 from pipelines.parallel.cfg import CFGParallelMixin
 from pipelines.parallel.pipeline_parallel import PipelineParallelMixin
 from pipelines.request_state import RequestState
@@ -157,9 +158,4 @@ def check_text(name: str, value: Any, required: bool) -> None:
         return
     if not isinstance(value, str) or (required and not value) or len(value) > MAX_PROMPT_CHARS:
         kind = "a non-empty string" if required else "null or a string"
-        raise ValueError(f"{name} must be {kind} of at most {MAX_PROMPT_CHARS} characters, got {_short(value)}")
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        raise ValueError(f"{name} must be {kind} of at most {MAX_PROMPT_CHARS} characters, got {short_repr(value)}")

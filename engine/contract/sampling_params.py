@@ -100,7 +100,7 @@ def _check_pipeline_args(args: Any) -> None:
     if not isinstance(args, dict) or len(args) > MAX_PIPELINE_ARGS:
         raise ValueError(
             f"SamplingParams.pipeline_args must be a mapping of at most {MAX_PIPELINE_ARGS} argument names to values, "
-            f"got {_short(args)}"
+            f"got {short_repr(args)}"
         )
     for name, value in args.items():
         if not isinstance(name, str) or not name.isidentifier():
@@ -122,6 +122,7 @@ def _check_pipeline_args(args: Any) -> None:
                 )
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """repr() cut to 60 characters, for error messages that quote user input."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
