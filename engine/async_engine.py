@@ -5,7 +5,9 @@ input queue of adds and aborts between steps, steps, and hands each step's outpu
 loop in one `call_soon_threadsafe`. The event loop therefore never blocks on a step, and new
 requests and aborts arrive while steps run. Each request's stream buffers at most one progress
 update (newer ones replace older ones when the consumer is slow) plus the final output, which is
-never dropped.
+never dropped. While idle, the core thread checks the workers twice a second, so a worker that
+dies between requests is noticed (and, with `max_worker_restarts`, replaced) at once rather than
+by the next request.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from engine.contract.sampling_params import SamplingParams
 from engine.core.engine_core import EngineCore
 from engine.request_stream import RequestStream
 
+HEALTH_POLL_S = 0.5  # how often an idle engine checks that its workers are alive
+
 
 class AsyncEngine:
     def __init__(self, model: str | EngineConfig = "tiny-qwen-image", **options):
@@ -35,6 +39,7 @@ class AsyncEngine:
         self._dead: str | None = None
         self._stopped = False
         self._queries: list[asyncio.Future] = []
+        self._ensure_running()  # the core thread also watches the workers while idle
 
     # -- public API --------------------------------------------------------------------------
     async def generate(
@@ -42,14 +47,18 @@ class AsyncEngine:
         prompt: str | dict,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        client: str = "",
     ) -> AsyncIterator[RequestOutput]:
         """Yield progress outputs (step k of n), then the final output with images.
-        Leaving the loop early (break, cancel, consumer gone) aborts the request."""
+        Leaving the loop early (break, cancel, consumer gone) aborts the request. `client` names
+        who asked (the server passes its session): admission takes turns between clients."""
         self._ensure_running()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         request = self.core.make_request(prompt, sampling_params, request_id)
+        request.client = client
         stream = RequestStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._inputs.put(("add", request))
@@ -118,6 +127,9 @@ class AsyncEngine:
             while True:
                 if not self._drain_inputs(block=not core.has_work() and not self._queries):
                     return
+                if not core.has_work() and not self._queries:  # idle: are the workers still there?
+                    self._publish(core.check_health())
+                    continue
                 # Answer state queries once nothing is in flight and every drop has been sent, so
                 # an abort that arrived with the query is reflected in the answer.
                 if self._queries and core.pending_batches == 0 and not core.scheduler.has_pending_drops():
@@ -136,7 +148,7 @@ class AsyncEngine:
         """Apply queued adds and aborts; False once asked to stop."""
         while True:
             try:
-                kind, item = self._inputs.get(block=block)
+                kind, item = self._inputs.get(block=block, timeout=HEALTH_POLL_S if block else None)
             except queue.Empty:
                 return True
             block = False

@@ -82,7 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
     if address.startswith("ipc://"):
         claim_ipc_path(address)
     log.info("starting engine for %s; will serve on %s", args.model, address)
-    engine = AsyncEngine(engine_config(args, max_waiting=args.max_waiting))
+    engine = AsyncEngine(
+        engine_config(args, max_waiting=args.max_waiting, max_worker_restarts=args.max_worker_restarts)
+    )
     try:
         server = EngineServer(
             engine,
@@ -91,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
             curve_secret_key=args.curve_secret_key,
             client_timeout_s=args.client_timeout,
             drain_timeout_s=args.drain_timeout,
+            max_requests_per_client=args.max_requests_per_client,
         )
     except BaseException:
         engine.shutdown()
@@ -146,6 +149,19 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--address", default=None, help=f"ipc://PATH or tcp://HOST:PORT (default {default_address()})")
     serve.add_argument(
         "--max-waiting", type=int, default=None, help="bound on queued requests; more are rejected as overloaded"
+    )
+    serve.add_argument(
+        "--max-requests-per-client",
+        type=int,
+        default=256,
+        help="requests one client may have in flight; more are rejected as overloaded (default 256)",
+    )
+    serve.add_argument(
+        "--max-worker-restarts",
+        type=int,
+        default=3,
+        help="restart the workers after a crash, up to this many crashes in a row; 0: a crash stops the server "
+        "(default 3)",
     )
     serve.add_argument(
         "--auth-token",

@@ -28,6 +28,9 @@ class Executor(abc.ABC):
     def state_ids(self) -> list[str]:
         """Request ids the workers still hold state for (for tests and debugging)."""
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError if a worker has died (cheap; called while the engine idles)."""
+
     def shutdown(self) -> None:
         pass
 

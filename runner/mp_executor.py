@@ -114,6 +114,10 @@ class MultiprocExecutor(Executor):
     def is_alive(self) -> bool:
         return self._dead is None
 
+    def check_health(self) -> None:
+        self._check_alive()
+        self._check_workers()
+
     # -- steps -------------------------------------------------------------------------------
     def submit(self, batch: StepBatch) -> None:
         self._check_alive()
@@ -182,7 +186,7 @@ class MultiprocExecutor(Executor):
 
     def _check_alive(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"engine is dead: {self._dead}; restart it to serve new requests")
+            raise EngineDeadError(f"engine is dead: {self._dead}; restart it to serve new requests", self._dead)
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead is None:

@@ -14,6 +14,7 @@ EXECUTORS = ("mp", "inproc")
 DTYPES = ("bfloat16", "float16", "float32")
 MAX_RANKS_PER_AXIS = 16
 MAX_NUM_SEQS = 4096
+MAX_WORKER_RESTARTS = 100
 
 
 class ParallelConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -86,6 +87,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Serve the model through the generic diffusers adapter even where a hand-split family
     # exists (a cross-check of the two paths; the adapter runs neither CFG- nor pipeline-parallel).
     diffusers_adapter: bool = False
+    # After a worker crash, start a fresh worker grid (the requests it was running fail, the
+    # waiting ones run on the new grid), up to this many crashes in a row with growing waits;
+    # 0: a crash ends the engine (EngineDeadError). `stepweave serve` turns it on.
+    max_worker_restarts: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -120,6 +125,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
             )
         if not isinstance(self.diffusers_adapter, bool):
             raise ValueError(f"EngineConfig.diffusers_adapter must be true or false, got {self.diffusers_adapter!r}")
+        _int_at_least("max_worker_restarts", self.max_worker_restarts, 0, MAX_WORKER_RESTARTS)
 
     @classmethod
     def of(cls, model: str | EngineConfig | None = None, **options: Any) -> EngineConfig:

@@ -3,12 +3,15 @@
 `step()` is the whole loop body: submit every batch the scheduler allows (one, or two with async
 scheduling, or P under pipeline parallelism), collect the oldest one's results and apply them.
 The core does no IO of its own beyond the executor, so the offline front door drives it
-directly and the async engine drives the same object from its core thread.
+directly and the async engine drives the same object from its core thread. A worker crash is
+either the end (EngineDeadError) or, with `max_worker_restarts`, a fresh worker grid: the
+requests the old grid was running fail, the waiting ones run on the new one.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -16,16 +19,20 @@ from dataclasses import dataclass
 import msgspec
 
 from engine.contract.config import EngineConfig
+from engine.contract.errors import EngineDeadError
 from engine.contract.messages import NewRequest, StepBatch
 from engine.contract.outputs import RequestOutput
 from engine.contract.request_fields import request_fields
 from engine.contract.sampling_params import MAX_SEED, SamplingParams
 from engine.core.request import Request
+from engine.core.restart_policy import RestartPolicy
 from engine.core.scheduler import StepScheduler
 from pipelines.model_info import ModelInfo
 from pipelines.registry import family_path, served_families
 from runner.devices import check_devices
 from runner.executor import Executor
+
+log = logging.getLogger("stepweave.engine")
 
 
 @dataclass
@@ -36,6 +43,8 @@ class EngineStats:
     rows: int = 0  # request-steps executed
     execute_s: float = 0.0  # runner time, as the reporting worker measured it
     worker_idle_s: float = 0.0  # reporting worker's wait between consecutive batches
+    restarts: int = 0  # worker grids started after a crash
+    restart_s: float = 0.0  # wall time of the last restart (crash noticed to new grid ready)
 
     def record(self, results) -> None:
         self.batches += 1
@@ -76,7 +85,10 @@ class EngineCore:
             overlap=async_scheduling and pp_size == 1,
         )
         check_devices(self.config)
-        self.executor = make_executor(self.config, family_path(family))
+        self._family_path = family_path(family)
+        self.executor = make_executor(self.config, self._family_path)
+        self._restarts = RestartPolicy(config.max_worker_restarts)
+        self._restarts.started(time.monotonic())
         self._ids = itertools.count()
         self._pending = 0  # batches submitted and not yet collected
         self.stats = EngineStats()
@@ -120,7 +132,24 @@ class EngineCore:
         return self.scheduler.schedule(time.monotonic())
 
     def step(self) -> list[RequestOutput]:
-        """Submit every batch the scheduler allows, then collect the oldest one's results."""
+        """Submit every batch the scheduler allows, then collect the oldest one's results.
+        After a worker crash: the failed running requests' outputs (with restarts on), or
+        EngineDeadError."""
+        try:
+            return self._step()
+        except EngineDeadError as exc:
+            return self._recover(exc)
+
+    def check_health(self) -> list[RequestOutput]:
+        """Between steps (an idle engine too): notice a worker that died, and recover as step()
+        does; the async engine calls this while it waits for requests."""
+        try:
+            self.executor.check_health()
+        except EngineDeadError as exc:
+            return self._recover(exc)
+        return []
+
+    def _step(self) -> list[RequestOutput]:
         while (batch := self.schedule()) is not None:
             self.executor.submit(batch)
             self._pending += 1
@@ -130,6 +159,46 @@ class EngineCore:
         self._pending -= 1
         self.stats.record(results)
         return self.scheduler.update(results, time.monotonic())
+
+    def _recover(self, crash: EngineDeadError) -> list[RequestOutput]:
+        """Replace the crashed worker grid, or re-raise once restarts are off or used up."""
+        noticed = time.monotonic()
+        self._pending = 0
+        error = crash.reason
+        delay = self._restarts.next_delay(noticed)
+        if delay is None:
+            if self._restarts.max_restarts == 0:
+                raise crash
+            raise EngineDeadError(
+                f"engine is dead: the workers crashed {self._restarts.streak + 1} times in a row "
+                f"(max_worker_restarts={self._restarts.max_restarts}); last: {error}"
+            ) from None
+        outputs = self.scheduler.fail_running(
+            f"the workers crashed while this request ran ({error}); the engine restarted them", noticed
+        )
+        log.warning(
+            "workers crashed (%s): %d running request(s) failed; restarting in %.1f s (restart %d of %d in a row)",
+            error,
+            len(outputs),
+            delay,
+            self._restarts.streak,
+            self._restarts.max_restarts,
+        )
+        self.executor.shutdown()
+        time.sleep(delay)
+        try:
+            self.executor = make_executor(self.config, self._family_path)
+        except EngineDeadError as exc:
+            return outputs + self._recover(exc)
+        except Exception as exc:  # the new grid failed to start: a crash of its own
+            reason = f"workers failed to restart: {exc}"
+            return outputs + self._recover(EngineDeadError(reason, reason))
+        now = time.monotonic()
+        self._restarts.started(now)
+        self.stats.restarts += 1
+        self.stats.restart_s = now - noticed
+        log.warning("workers restarted in %.1f s", self.stats.restart_s)
+        return outputs
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         self._pending = 0

@@ -30,6 +30,9 @@ class Request:
     prompt: str | None = None
     negative_prompt: str | None = None
     class_label: int | None = None
+    # Who asked (a server session; "" for the embedded front doors): admission takes turns
+    # between clients.
+    client: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     first_scheduled_time: float | None = None

@@ -2,9 +2,10 @@
 
 Pure and steppable (no IO, no tensors, no clock of its own), so it is unit-tested with fake
 results. Every call to `schedule()` admits waiting requests up to `max_num_seqs` (first come,
-first served) and returns one step batch holding every running request that is not already in a
-batch in flight. With `max_batches_in_flight > 1` (pipeline parallelism) consecutive batches hold
-disjoint requests, so each stage can work on a different batch. With `overlap=True` (async
+first served within a client, taking turns between clients: see fair_queue.py) and returns one
+step batch holding every running request that is not already in a batch in flight. With
+`max_batches_in_flight > 1` (pipeline parallelism) consecutive batches hold disjoint requests,
+so each stage can work on a different batch. With `overlap=True` (async
 scheduling) a request may also sit in two consecutive batches: the engine already knows it has
 steps left, so step k+1 goes out before step k's results are back and the worker never idles
 during a round trip; results that contradict the plan (an error, an abort) are reconciled when
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 
 from engine.contract.errors import OverloadedError
 from engine.contract.messages import StepBatch, StepResults
 from engine.contract.outputs import RequestMetrics, RequestOutput, to_images
+from engine.core.fair_queue import FairQueue
 from engine.core.request import Request, RequestStatus
 
 
@@ -36,7 +37,7 @@ class StepScheduler:
         self.max_waiting = max_waiting
         self.overlap = overlap
         self._per_request_limit = 2 if overlap else 1
-        self.waiting: deque[Request] = deque()
+        self.waiting = FairQueue()
         self.running: dict[str, Request] = {}  # by request id
         self._by_wire: dict[str, Request] = {}  # the running requests by the id the workers know
         self.in_flight: dict[int, list[str]] = {}  # step_id -> wire ids
@@ -50,7 +51,7 @@ class StepScheduler:
             raise OverloadedError(
                 f"engine overloaded: {len(self.waiting)} requests already waiting (max_waiting={self.max_waiting})"
             )
-        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+        if request.request_id in self.running or self.waiting.find(request.request_id) is not None:
             raise ValueError(f"request_id {request.request_id!r} is already in flight")
         request.wire_id = self._fresh_wire_id(request.request_id)
         self.waiting.append(request)
@@ -67,10 +68,10 @@ class StepScheduler:
 
     def abort(self, request_id: str, now: float | None = None) -> RequestOutput | None:
         """End a waiting or running request; its worker state is dropped with the next batch."""
-        for request in self.waiting:
-            if request.request_id == request_id:
-                self.waiting.remove(request)
-                return self._finish(request, RequestStatus.ABORTED, "request aborted", now)
+        request = self.waiting.find(request_id)
+        if request is not None:
+            self.waiting.remove(request)
+            return self._finish(request, RequestStatus.ABORTED, "request aborted", now)
         request = self.running.pop(request_id, None)
         if request is None:
             return None
@@ -85,6 +86,17 @@ class StepScheduler:
         self.running.clear()
         self._by_wire.clear()
         self.waiting.clear()
+        self.in_flight.clear()
+        self._drop.clear()
+        return outputs
+
+    def fail_running(self, error: str, now: float | None = None) -> list[RequestOutput]:
+        """End the running requests with `error` and forget everything in flight, keeping the
+        waiting ones: the worker grid was replaced, so their state and batches are gone, while
+        requests that never reached a worker can still run on the new grid."""
+        outputs = [self._finish(r, RequestStatus.FAILED, error, now) for r in self.running.values()]
+        self.running.clear()
+        self._by_wire.clear()
         self.in_flight.clear()
         self._drop.clear()
         return outputs

@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from engine.contract.errors import EngineDeadError, ServerUnavailableError
+from engine.contract.errors import EngineDeadError, OverloadedError, ServerUnavailableError
 from engine.contract.outputs import failed_output, to_images
 from engine.contract.wire import Decoder, Encoder, WireError
 from engine.request_stream import RequestStream
@@ -184,6 +184,8 @@ class ServerConnection:
             return ValueError(message.error)
         if message.kind == "dead":
             return EngineDeadError(message.error)
+        if message.kind == "overloaded":
+            return OverloadedError(message.error)
         if message.kind == "shutting_down":
             return ServerUnavailableError(f"stepweave server at {self.address}: {message.error}")
         return RuntimeError(f"request rejected ({message.kind}): {message.error}")

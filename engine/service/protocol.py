@@ -104,7 +104,8 @@ class Output(msgspec.Struct, tag="output", kw_only=True, omit_defaults=True):
 
 class Rejected(msgspec.Struct, tag="rejected", kw_only=True):
     """A request that never entered the engine. kind: "invalid" (bad prompt or parameters),
-    "duplicate" (request id already in flight), "shutting_down" or "dead"."""
+    "duplicate" (request id already in flight), "overloaded" (this client's in-flight cap),
+    "shutting_down" or "dead"."""
 
     request_id: str
     kind: str
@@ -118,8 +119,8 @@ class Pong(msgspec.Struct, tag="pong"):
 
 class StateReply(msgspec.Struct, tag="state", kw_only=True):
     seq: int
-    worker_request_ids: list[str]
-    server_request_ids: list[str]  # requests the server still tracks, all sessions
+    worker_request_ids: list[str]  # this session's requests the workers hold state for
+    server_request_ids: list[str]  # this session's requests the server still tracks
     sessions: int
 
 

@@ -55,6 +55,10 @@ from engine.service.protocol import (
 
 log = logging.getLogger("stepweave.server")
 
+# Requests one client may have in flight (waiting or running) at once; with admission taking
+# turns between clients, this bounds how much of the queue a single client can hold.
+DEFAULT_MAX_REQUESTS_PER_CLIENT = 256
+
 
 class Session:
     """One connected client: its routing identity, namespace and running requests."""
@@ -79,6 +83,7 @@ class EngineServer:
         client_timeout_s: float = 15.0,
         drain_timeout_s: float = 30.0,
         max_message_bytes: int = MAX_CLIENT_MESSAGE_BYTES,
+        max_requests_per_client: int = DEFAULT_MAX_REQUESTS_PER_CLIENT,
     ):
         self.address = address or default_address()
         local = check_bind_address(self.address, auth_token)
@@ -95,6 +100,11 @@ class EngineServer:
         self.client_timeout_s = client_timeout_s
         self.drain_timeout_s = drain_timeout_s
         self.max_message_bytes = max_message_bytes
+        if isinstance(max_requests_per_client, bool) or not isinstance(max_requests_per_client, int):
+            raise ValueError(f"max_requests_per_client must be a positive integer, got {max_requests_per_client!r}")
+        if max_requests_per_client < 1:
+            raise ValueError(f"max_requests_per_client must be a positive integer, got {max_requests_per_client!r}")
+        self.max_requests_per_client = max_requests_per_client
         self.bound_address: str | None = None
         self._sessions: dict[bytes, Session] = {}
         self._sids = itertools.count()
@@ -325,6 +335,16 @@ class EngineServer:
                     request_id=request_id, kind="duplicate", error=f"request_id {request_id!r} is already in flight"
                 ),
             )
+        elif len(session.requests) >= self.max_requests_per_client:
+            self._post(
+                session.identity,
+                Rejected(
+                    request_id=request_id,
+                    kind="overloaded",
+                    error=f"this client already has {len(session.requests)} requests in flight "
+                    f"(max_requests_per_client={self.max_requests_per_client})",
+                ),
+            )
         else:
             session.requests[request_id] = asyncio.create_task(self._run_request(session, message))
 
@@ -339,7 +359,8 @@ class EngineServer:
         }
         params = msgspec.structs.replace(message.params, output_type="np")
         try:
-            async for output in self.engine.generate(prompt, params, request_id=f"{session.sid}:{request_id}"):
+            stream = self.engine.generate(prompt, params, request_id=f"{session.sid}:{request_id}", client=session.sid)
+            async for output in stream:
                 if output.finished or message.stream:
                     self._post(identity, to_wire(output, request_id))
         except ValueError as exc:
@@ -362,9 +383,12 @@ class EngineServer:
         except Exception as exc:
             self._post(session.identity, Error(code="state", error=f"{type(exc).__name__}: {exc}", seq=seq))
             return
-        server_ids = sorted(f"{s.sid}:{rid}" for s in self._sessions.values() for rid in s.requests)
+        # A session sees only its own requests, by the ids it chose (the engine's ids carry the
+        # session's namespace, and a "#n" suffix when an id was reused while its old state drained).
+        prefix = f"{session.sid}:"
+        own = sorted({wid[len(prefix) :].split("#")[0] for wid in worker_ids if wid.startswith(prefix)})
         reply = StateReply(
-            seq=seq, worker_request_ids=worker_ids, server_request_ids=server_ids, sessions=len(self._sessions)
+            seq=seq, worker_request_ids=own, server_request_ids=sorted(session.requests), sessions=len(self._sessions)
         )
         self._post(session.identity, reply)
 
