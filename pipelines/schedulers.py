@@ -19,6 +19,8 @@ from typing import Any
 import diffusers
 import numpy as np
 
+from pipelines.scheduler_options import check_scheduler_overrides
+
 # Options that make a general-purpose solver integrate a flow-matching model's velocity field.
 FLOW_SOLVER_OPTIONS: dict[str, dict[str, Any]] = {
     "UniPCMultistepScheduler": {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
@@ -46,6 +48,7 @@ def check_scheduler(
     base_config: dict[str, Any], name: str | None, overrides: dict[str, Any] | None, flow: bool
 ) -> None:
     """Raise ValueError unless the choice works with this model (cached, no copy)."""
+    check_scheduler_overrides(overrides)
     _checked_template(*_key(base_config, name, overrides, flow))
 
 

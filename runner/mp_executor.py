@@ -10,6 +10,7 @@ interpreter exit and when the executor is garbage-collected, so no worker outliv
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,6 +40,9 @@ from runner.executor import Executor
 from runner.worker import WorkerConfig
 
 POLL_S = 0.2
+# The engine's socket directory: stepweave-<engine pid>-<random>, owner-only (mkdtemp).
+DIR_PREFIX = "stepweave-"
+_STALE_DIR = re.compile(r"^stepweave-(\d+)-\w+$")
 
 
 def _free_port() -> int:
@@ -59,7 +63,8 @@ class MultiprocExecutor(Executor):
         self._dead: str | None = None
         self._outstanding: deque[int] = deque()
         self.worker_info: dict[int, dict] = {}
-        self._dir = tempfile.mkdtemp(prefix="stepweave-")
+        _reclaim_stale_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         self._context = zmq.Context()
         self._results = self._context.socket(zmq.PULL)
         result_address = f"ipc://{self._dir}/results"
@@ -233,6 +238,42 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._popen.kill()
+
+
+def _reclaim_stale_dirs() -> None:
+    """Remove socket directories left by engines that were killed (SIGKILL runs no cleanup):
+    ours (same owner) whose engine process no longer exists."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        match = _STALE_DIR.match(name)
+        if match is None:
+            continue
+        path = os.path.join(root, name)
+        try:
+            if os.stat(path).st_uid != os.getuid() or _process_exists(int(match.group(1))):
+                continue
+            entries = os.listdir(path)
+            if not all(e == "results" or e.startswith("batches-") for e in entries):
+                continue  # not one of ours after all
+            for entry in entries:
+                os.unlink(os.path.join(path, entry))
+            os.rmdir(path)
+        except OSError:
+            continue
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _shutdown(context, batch_sockets, processes, directory) -> None:

@@ -125,7 +125,7 @@ async def wait_state(client: AsyncEngineClient, predicate, timeout: float = 15.0
 
 
 def no_request_state(state) -> bool:
-    return not state.worker_request_ids and not state.server_request_ids
+    return not state.all_worker_requests and not state.all_server_requests
 
 
 async def collect(stream):

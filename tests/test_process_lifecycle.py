@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     import sys
     from engine import Omni, SamplingParams
     omni = Omni(model=sys.argv[1], executor="mp")
-    print(omni.core.executor.processes[0].pid, flush=True)
+    print(omni.core.executor.processes[0].pid, omni.core.executor._dir, flush=True)
     if sys.argv[2] == "forget":
         omni.generate(["a fox"], SamplingParams(num_inference_steps=2), use_tqdm=False)
         sys.exit(0)  # no shutdown(): the finalizer must stop the worker
@@ -57,13 +57,13 @@ def _start(qwen_dir, mode):
         text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
-    worker_pid = int(proc.stdout.readline())
-    return proc, worker_pid
+    worker_pid, socket_dir = proc.stdout.readline().split()
+    return proc, int(worker_pid), socket_dir
 
 
 @pytest.mark.parametrize("how", ["forget", "ctrl-c", "kill-engine"])
 def test_worker_does_not_outlive_engine(qwen_dir, how):
-    proc, worker_pid = _start(qwen_dir, "forget" if how == "forget" else "run")
+    proc, worker_pid, socket_dir = _start(qwen_dir, "forget" if how == "forget" else "run")
     assert _alive(worker_pid)
     if how == "forget":
         assert proc.wait(60) == 0
@@ -73,6 +73,12 @@ def test_worker_does_not_outlive_engine(qwen_dir, how):
         proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
         proc.wait(60)
     assert _wait_gone(worker_pid), f"worker {worker_pid} survived ({how})"
+    if how == "kill-engine":  # SIGKILL ran no cleanup: the next engine's start reclaims the directory
+        from runner.mp_executor import _reclaim_stale_dirs
+
+        assert os.path.isdir(socket_dir)
+        _reclaim_stale_dirs()
+    assert not os.path.exists(socket_dir), f"{socket_dir} left behind ({how})"
 
 
 def test_engine_built_in_a_thread_that_has_exited_still_serves(qwen_dir):

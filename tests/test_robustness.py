@@ -42,6 +42,17 @@ def test_abort_running_and_waiting_leaves_no_state(omni):
         ("ok", SamplingParams(scheduler="NoSuchScheduler"), "unknown diffusers scheduler class 'NoSuchScheduler'"),
         ("ok", SamplingParams(scheduler="DDIMScheduler"), "cannot drive this model"),
         ("ok", SamplingParams(scheduler_config={"not_an_option": 1}), "has no option(s) ['not_an_option']"),
+        (
+            "ok",
+            SamplingParams(scheduler_config={"num_train_timesteps": 10**7 + 3}),
+            "scheduler_config['num_train_timesteps'] must be an integer in [1, 10000]",
+        ),
+        (
+            "ok",
+            SamplingParams(scheduler="UniPCMultistepScheduler", scheduler_config={"solver_order": 0}),
+            "scheduler_config['solver_order'] must be an integer in [1, 3]",
+        ),
+        ("ok", SamplingParams(scheduler_config={"shift": float("inf")}), "['shift'] must be a number in [0.01, 100.0]"),
         (123, None, "prompt must be a string or a dict"),
         ({"prompt": "x", "colour": "red"}, None, "unknown key(s) ['colour']"),
         ("", None, "prompt must be a non-empty string"),

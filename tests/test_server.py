@@ -42,10 +42,23 @@ from tests.service_peers import LONG, TOKEN, RawPeer, ServerProcess, no_request_
 pytestmark = pytest.mark.slow
 
 
+PER_CLIENT = 12  # the shared server's cap on one client's requests in flight
+
+
 @pytest.fixture(scope="module")
 def server(qwen_dir):
     """The shared server: token-protected, 3 s client timeout (so silent clients are reaped fast)."""
-    proc = ServerProcess(qwen_dir, "--max-num-seqs", "16", "--auth-token", TOKEN, "--client-timeout", "3")
+    proc = ServerProcess(
+        qwen_dir,
+        "--max-num-seqs",
+        "16",
+        "--auth-token",
+        TOKEN,
+        "--client-timeout",
+        "3",
+        "--max-requests-per-client",
+        str(PER_CLIENT),
+    )
     try:
         yield proc.wait_ready()
         assert proc.proc.poll() is None, "the shared server died during the tests"
@@ -134,8 +147,7 @@ def test_200_requests_from_4_clients_match_omni(server, references):
         prompt, params = cases[0]
         (pil,) = client.generate(prompt, msgspec.structs.replace(params, output_type="pil"), use_tqdm=False)
         assert np.abs(np.asarray(pil.images[0], dtype=np.int16) - (expected[0][0] * 255).round()).max() <= 1
-        state = client.debug_state()
-        assert state.worker_request_ids == [] and state.server_request_ids == []
+        assert no_request_state(client.debug_state())
     assert os.stat(server.address[len("ipc://") :]).st_mode & 0o777 == 0o600
 
 
@@ -208,8 +220,10 @@ async def test_aborts_and_vanished_clients_free_server_and_worker_state(server):
         dying = subprocess.Popen([sys.executable, "-c", DYING_CLIENT, server.address, TOKEN], stdout=subprocess.PIPE)
         line = await asyncio.get_running_loop().run_in_executor(None, dying.stdout.readline)
         assert line.strip() == b"sent"
-        state = await wait_state(client, lambda s: len(s.worker_request_ids) == 1)
-        assert len(state.server_request_ids) == 1 and state.server_request_ids[0].endswith(":doomed"), state
+        state = await wait_state(client, lambda s: s.all_worker_requests == 1)
+        assert state.all_server_requests == 1, state
+        # another session's request is counted, never named
+        assert no_request_state(state), state
         t0 = time.monotonic()
         dying.kill()
         dying.wait()
@@ -224,7 +238,7 @@ async def test_aborts_and_vanished_clients_free_server_and_worker_state(server):
             silent.send(Generate(request_id="hung", params=LONG, prompt="hung"))
             silent.recv_until(Output)
             t0 = time.monotonic()
-            assert len((await client.debug_state()).worker_request_ids) == 1
+            assert (await client.debug_state()).all_worker_requests == 1
             state = await wait_state(client, no_request_state, timeout=10)
             assert no_request_state(state) and time.monotonic() - t0 > 1.5, state
             silent.send(Ping(1))
@@ -264,7 +278,8 @@ FRAMES = st.one_of(
 def test_fuzzed_and_malformed_messages_get_errors_and_the_server_keeps_serving(server):
     greeted, stranger = RawPeer(server.address), RawPeer(server.address)
     try:
-        assert isinstance(greeted.hello(), Welcome)
+        welcome = greeted.hello()
+        assert isinstance(welcome, Welcome) and "/" not in welcome.model  # no server paths
 
         @given(frames=FRAMES)
         @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -297,6 +312,28 @@ def test_fuzzed_and_malformed_messages_get_errors_and_the_server_keeps_serving(s
         greeted.send_raw([msgspec.msgpack.encode(typed)])
         rejected = greeted.recv_until(Rejected)
         assert rejected.request_id == "typed" and rejected.kind == "invalid" and "malformed request" in rejected.error
+        # strict decoding: a misspelt field, an unknown output type, a field of another family
+        typo = {"type": "generate", "request_id": "typo", "params": {"num_inference_stpes": 3}, "prompt": "x"}
+        greeted.send_raw([msgspec.msgpack.encode(typo)])
+        rejected = greeted.recv_until(Rejected)
+        assert rejected.request_id == "typo" and "unknown field `num_inference_stpes`" in rejected.error, rejected
+        greeted.send(Generate(request_id="bogus", params=SamplingParams(output_type="bogus"), prompt="x"))
+        rejected = greeted.recv_until(Rejected)
+        assert rejected.kind == "invalid" and "output_type must be one of" in rejected.error, rejected
+        greeted.send(Generate(request_id="label", params=SamplingParams(), prompt="x", class_label=3))
+        rejected = greeted.recv_until(Rejected)
+        assert rejected.kind == "invalid" and "class_label is not an input" in rejected.error, rejected
+        # one client's requests in flight are capped; the others' are not affected
+        for i in range(PER_CLIENT):
+            greeted.send(Generate(request_id=f"many-{i}", params=LONG, prompt="x", stream=False))
+        greeted.send(Generate(request_id="one-too-many", params=LONG, prompt="x"))
+        rejected = greeted.recv_until(Rejected)
+        assert rejected.request_id == "one-too-many" and rejected.kind == "overloaded", rejected
+        assert f"max_requests_per_client={PER_CLIENT}" in rejected.error
+        for i in range(PER_CLIENT):
+            greeted.send(Abort(f"many-{i}"))
+        greeted.send_raw([b"x"] * 300)  # extra parts are dropped as they are read
+        assert "got 300 frames" in greeted.recv_until(Error).error
         greeted.send(Generate(request_id="zero", params=SamplingParams(num_inference_steps=0), prompt="x"))
         rejected = greeted.recv_until(Rejected)
         assert rejected.kind == "invalid" and "num_inference_steps must be" in rejected.error
@@ -329,10 +366,10 @@ def test_fuzzed_and_malformed_messages_get_errors_and_the_server_keeps_serving(s
         assert output.error is None
         state = client.debug_state()
         deadline = time.monotonic() + 10
-        while not (state.worker_request_ids == [] and state.server_request_ids == []) and time.monotonic() < deadline:
+        while not no_request_state(state) and time.monotonic() < deadline:
             time.sleep(0.1)
             state = client.debug_state()
-        assert state.worker_request_ids == [] and state.server_request_ids == [], state
+        assert no_request_state(state), state
 
 
 def test_clients_without_the_token_are_refused(server):
@@ -357,3 +394,17 @@ def test_ipc_address_is_never_taken_from_a_running_server(server, capsys):
     stale.write_text("not a socket")
     with pytest.raises(ValueError, match="not a socket"):
         claim_ipc_path(f"ipc://{stale}")
+
+
+def test_errors_for_clients_name_files_but_no_server_paths():
+    import traceback
+
+    from engine.service.server import without_paths
+
+    try:
+        msgspec.msgpack.decode(b"\xc1")
+    except msgspec.DecodeError:
+        text = traceback.format_exc() + f"RuntimeError: out of memory (at {os.path.abspath(__file__)}:12)"
+    redacted = without_paths(text)
+    assert os.path.dirname(os.path.abspath(__file__)) not in redacted and "site-packages" not in redacted
+    assert "test_server.py:12)" in redacted and "1/2 of the steps" in without_paths("1/2 of the steps")

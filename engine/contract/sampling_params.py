@@ -27,8 +27,9 @@ Scalar = str | int | float | bool | None
 PipelineArg = Scalar | list[Scalar]
 
 
-class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """How one request is denoised. `None` means "the model's default"."""
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """How one request is denoised. `None` means "the model's default". Decoded strictly from
+    the wire: a misspelt field is an error, never silently the default."""
 
     num_inference_steps: int = 20
     # The two guidance scales, by their diffusers names; None: the pipeline's own default.

@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
@@ -68,6 +69,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         config.validate()
         self.model_info = ModelInfo.load(config.model, adapter=config.diffusers_adapter)
+        # A preset's name, or a model directory's last component (what a client may be told).
+        self.model_name = Path(config.model).name
         # Workers load the directory the engine resolved, with the family the engine chose.
         self.config = msgspec.structs.replace(config, model=str(self.model_info.path))
         parallel, family = config.parallel_config, self.model_info.family

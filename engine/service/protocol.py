@@ -26,14 +26,16 @@ ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
 # -- client -> server --------------------------------------------------------------------------
-class Hello(msgspec.Struct, tag="hello", kw_only=True, omit_defaults=True):
+# Decoded strictly: an unknown field is an error, not silently dropped (a misspelt option would
+# otherwise run the request with its default).
+class Hello(msgspec.Struct, tag="hello", kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """Opens a session: the server answers `Welcome`, or `Error` (version, auth)."""
 
     protocol_version: int
     auth_token: ShortText | None = None
 
 
-class Generate(msgspec.Struct, tag="generate", kw_only=True, omit_defaults=True):
+class Generate(msgspec.Struct, tag="generate", kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """Submit one request; `stream` asks for progress outputs, not just the final one."""
 
     request_id: RequestId
@@ -44,23 +46,23 @@ class Generate(msgspec.Struct, tag="generate", kw_only=True, omit_defaults=True)
     stream: bool = True
 
 
-class Abort(msgspec.Struct, tag="abort"):
+class Abort(msgspec.Struct, tag="abort", forbid_unknown_fields=True):
     request_id: RequestId
 
 
-class Ping(msgspec.Struct, tag="ping"):
+class Ping(msgspec.Struct, tag="ping", forbid_unknown_fields=True):
     """Client heartbeat; also how `health()` asks whether the server still takes requests."""
 
     seq: int
 
 
-class StateQuery(msgspec.Struct, tag="state_query"):
+class StateQuery(msgspec.Struct, tag="state_query", forbid_unknown_fields=True):
     """Debug: which requests the server and the workers still hold state for."""
 
     seq: int
 
 
-class Goodbye(msgspec.Struct, tag="goodbye"):
+class Goodbye(msgspec.Struct, tag="goodbye", forbid_unknown_fields=True):
     """The client is closing: abort whatever it still has running."""
 
 
@@ -118,10 +120,14 @@ class Pong(msgspec.Struct, tag="pong"):
 
 
 class StateReply(msgspec.Struct, tag="state", kw_only=True):
+    """A session's own requests by id, and everyone's only as counts (ids stay private)."""
+
     seq: int
     worker_request_ids: list[str]  # this session's requests the workers hold state for
     server_request_ids: list[str]  # this session's requests the server still tracks
     sessions: int
+    all_worker_requests: int = 0  # requests of every session the workers hold state for
+    all_server_requests: int = 0  # requests of every session the server still tracks
 
 
 class Error(msgspec.Struct, tag="error", kw_only=True, omit_defaults=True):

@@ -21,6 +21,7 @@ import hmac
 import itertools
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ import zmq.asyncio
 
 from engine.async_engine import AsyncEngine
 from engine.contract.errors import EngineDeadError
+from engine.contract.sampling_params import OUTPUT_TYPES
 from engine.contract.wire import Decoder, Encoder, WireError
 from engine.service.address import check_bind_address, claim_ipc_path, default_address, load_server_keys
 from engine.service.protocol import (
@@ -54,6 +56,18 @@ from engine.service.protocol import (
 )
 
 log = logging.getLogger("stepweave.server")
+
+# An absolute path (two or more components): what a client sees of it is its last component.
+_PATH = re.compile(r"(?<![\w.~])(?:/[\w.+@~-]+)+/([\w.+@~-]+)")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute path cut to its file name (what a client may see)."""
+    return _PATH.sub(r"\1", text)
+
+
+# Room for msgpack framing above max_message_bytes before zmq cuts a peer off.
+FRAME_SLACK_BYTES = 4096
 
 # Requests one client may have in flight (waiting or running) at once; with admission taking
 # turns between clients, this bounds how much of the queue a single client can hold.
@@ -95,7 +109,7 @@ class EngineServer:
                 self.address,
             )
         self.engine = engine
-        self.model = str(engine.core.model_info.path)
+        self.model = engine.core.model_name  # what clients are told: no server paths
         self.auth_token = auth_token
         self.client_timeout_s = client_timeout_s
         self.drain_timeout_s = drain_timeout_s
@@ -169,9 +183,10 @@ class EngineServer:
     def _bind(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a final output to a slow (but live) client
-        # Far larger messages cut the peer off inside zmq before they are buffered; moderately
-        # large ones reach _handle and get a clear "oversize" reply.
-        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_message_bytes)
+        # A frame larger than this cuts the peer off inside zmq before it is buffered. (zmq
+        # delivers a multipart message whole and has no cap on its part count; the receive loop
+        # drops extra parts as it reads them, and clients only ever send one.)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + FRAME_SLACK_BYTES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer fails: how we find it
         if self.curve_keys is not None:
             sock.curve_publickey, sock.curve_secretkey = self.curve_keys
@@ -229,16 +244,30 @@ class EngineServer:
     # -- receiving ---------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
+            frames = await self._receive_frames()
             try:
                 self._handle(frames)
             except Exception:  # a bug handling one message must not take the server down
                 log.exception("error handling a client message")
 
+    async def _receive_frames(self) -> list:
+        """The identity, the first body frame, and the count of the rest (dropped unread)."""
+        frames = [await self._socket.recv(copy=False)]
+        extra = 0
+        while self._socket.getsockopt(zmq.RCVMORE):
+            frame = await self._socket.recv(copy=False)
+            if len(frames) < 2:
+                frames.append(frame)
+            else:
+                extra += 1
+        frames.append(extra)
+        return frames
+
     def _handle(self, frames: list) -> None:
-        identity, body = frames[0].bytes, frames[1:]
-        if len(body) != 1:
-            self._post(identity, Error(code="malformed", error=f"expected a one-frame message, got {len(body)} frames"))
+        identity, body, extra = frames[0].bytes, frames[1:-1], frames[-1]
+        if len(body) != 1 or extra:
+            count = len(body) + extra
+            self._post(identity, Error(code="malformed", error=f"expected a one-frame message, got {count} frames"))
             return
         if len(body[0]) > self.max_message_bytes:
             self._post(
@@ -357,8 +386,12 @@ class EngineServer:
             "negative_prompt": message.negative_prompt,
             "class_label": message.class_label,
         }
-        params = msgspec.structs.replace(message.params, output_type="np")
         try:
+            if message.params.output_type not in OUTPUT_TYPES:  # checked here: replaced just below
+                raise ValueError(
+                    f"SamplingParams.output_type must be one of {OUTPUT_TYPES}, got {message.params.output_type!r}"
+                )
+            params = msgspec.structs.replace(message.params, output_type="np")
             stream = self.engine.generate(prompt, params, request_id=f"{session.sid}:{request_id}", client=session.sid)
             async for output in stream:
                 if output.finished or message.stream:
@@ -388,7 +421,12 @@ class EngineServer:
         prefix = f"{session.sid}:"
         own = sorted({wid[len(prefix) :].split("#")[0] for wid in worker_ids if wid.startswith(prefix)})
         reply = StateReply(
-            seq=seq, worker_request_ids=own, server_request_ids=sorted(session.requests), sessions=len(self._sessions)
+            seq=seq,
+            worker_request_ids=own,
+            server_request_ids=sorted(session.requests),
+            sessions=len(self._sessions),
+            all_worker_requests=len(worker_ids),
+            all_server_requests=sum(len(s.requests) for s in self._sessions.values()),
         )
         self._post(session.identity, reply)
 
@@ -426,7 +464,10 @@ class EngineServer:
 
     def _post(self, identity: bytes, message: msgspec.Struct) -> None:
         """Queue one message for one client (never blocks: no send high-water mark). A peer
-        that is gone makes the send fail; its session, if any, ends."""
+        that is gone makes the send fail; its session, if any, ends. Errors name no server paths
+        (tracebacks and exception messages from workers are cut to file names)."""
+        if getattr(message, "error", None):
+            message = msgspec.structs.replace(message, error=without_paths(message.error))
         frames = self._encoder.encode(message)
         try:
             future = self._socket.send_multipart([identity, *frames], copy=False)
