@@ -41,3 +41,19 @@ def rank_device(requested: str | None, rank: int) -> str:
     """The device worker `rank` loads the model on."""
     device = resolve_device(requested)
     return f"cuda:{rank}" if device == "cuda" else device
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Memory a worker on `device` can still allocate: the GPU's free memory, or for the CPU the
+    machine's available memory (/proc/meminfo); None where unknown."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

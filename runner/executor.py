@@ -16,6 +16,9 @@ from engine.contract.messages import StepBatch, StepResults
 
 
 class Executor(abc.ABC):
+    # rank -> what the worker reported when ready (pid, parameters, free_memory_bytes)
+    worker_info: dict[int, dict]
+
     @abc.abstractmethod
     def submit(self, batch: StepBatch) -> None:
         """Send a step batch to the workers without waiting for it."""
@@ -37,10 +40,12 @@ class Executor(abc.ABC):
 
 class InprocExecutor(Executor):
     def __init__(self, config: EngineConfig, family: str):
+        from runner.devices import free_memory_bytes, rank_device
         from runner.model_runner import build_model_runner
 
         self.runner = build_model_runner(config, family)
         self._results: deque[StepResults] = deque()
+        self.worker_info = {0: {"free_memory_bytes": free_memory_bytes(rank_device(config.device, 0))}}
 
     def submit(self, batch: StepBatch) -> None:
         self._results.append(self.runner.execute(batch))

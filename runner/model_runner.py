@@ -185,10 +185,24 @@ class ModelRunner:
 
 
 def _failure(request_id: str, step: int, num_steps: int, exc: BaseException) -> StepOutput:
-    if isinstance(exc, (ValueError, FloatingPointError)):
+    if _out_of_memory(exc):
+        message = (
+            f"out of memory at step {step} of {num_steps}: the device could not hold this step's batch "
+            f"({type(exc).__name__}); ask for a smaller image, or lower the engine's memory_budget_mb or max_num_seqs"
+        )
+    elif isinstance(exc, (ValueError, FloatingPointError)):
         message = f"{type(exc).__name__}: {exc}"
     else:
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f" (at {frame[0].filename}:{frame[0].lineno})" if frame else ""
         message = f"{type(exc).__name__}: {exc}{where}"
     return StepOutput(request_id=request_id, step=step, num_steps=num_steps, finished=True, error=message)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)

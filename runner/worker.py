@@ -76,7 +76,13 @@ def worker_main(config: WorkerConfig) -> None:
         results.close()
         context.term()
         return
-    info = {"pid": os.getpid(), "transformer_parameters": runner.pipeline.parameter_count()}
+    from runner.devices import free_memory_bytes, rank_device
+
+    info = {
+        "pid": os.getpid(),
+        "transformer_parameters": runner.pipeline.parameter_count(),
+        "free_memory_bytes": free_memory_bytes(rank_device(config.engine.device, config.rank)),
+    }
     results.send_multipart(encoder.encode(WorkerReady(rank=config.rank, info=info)))
 
     idle_since: float | None = None  # waiting before the first batch is not overhead

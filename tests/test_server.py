@@ -42,7 +42,7 @@ from tests.service_peers import LONG, TOKEN, RawPeer, ServerProcess, no_request_
 pytestmark = pytest.mark.slow
 
 
-PER_CLIENT = 12  # the shared server's cap on one client's requests in flight
+PER_CLIENT = 64  # the shared server's cap on one client's requests in flight
 
 
 @pytest.fixture(scope="module")

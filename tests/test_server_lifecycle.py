@@ -135,8 +135,31 @@ async def test_stopped_or_killed_server_fails_requests_fast(qwen_dir):
         proc.stop()
 
 
-async def test_a_crashed_worker_fails_its_requests_and_stops_the_server(qwen_dir):
-    proc = ServerProcess(qwen_dir, executor="mp").wait_ready()
+async def test_a_crashed_worker_fails_only_running_requests_and_the_server_keeps_serving(qwen_dir):
+    """stepweave serve restarts its workers by default: the running request fails, a waiting one
+    (another client's) runs on the new workers, and the clients keep their sessions."""
+    proc = ServerProcess(qwen_dir, "--max-num-seqs", "1", executor="mp").wait_ready()
+    try:
+        (worker,) = proc.children()
+        async with AsyncEngineClient(proc.address) as client, AsyncEngineClient(proc.address) as other:
+            stream = client.generate("crash", LONG)
+            await stream.__anext__()
+            queued = asyncio.ensure_future(collect(other.generate("queued", SamplingParams(num_inference_steps=2))))
+            await asyncio.sleep(0.3)
+            os.kill(worker, signal.SIGKILL)
+            outputs = await asyncio.wait_for(collect(stream), 60)
+            assert outputs and outputs[-1].finished and "crashed" in outputs[-1].error, outputs
+            done = await asyncio.wait_for(queued, 60)
+            assert done[-1].error is None and len(done[-1].images) == 1
+            after = await collect(client.generate("after", SamplingParams(num_inference_steps=2)))
+            assert after[-1].error is None and await client.health()
+        assert proc.proc.poll() is None and "workers restarted in" in proc.log(), proc.log()
+    finally:
+        proc.stop()
+
+
+async def test_with_restarts_off_a_crashed_worker_stops_the_server(qwen_dir):
+    proc = ServerProcess(qwen_dir, "--max-worker-restarts", "0", executor="mp").wait_ready()
     try:
         (worker,) = proc.children()
         async with AsyncEngineClient(proc.address) as client:

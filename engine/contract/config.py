@@ -91,6 +91,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # waiting ones run on the new grid), up to this many crashes in a row with growing waits;
     # 0: a crash ends the engine (EngineDeadError). `stepweave serve` turns it on.
     max_worker_restarts: int = 0
+    # Activation memory the running requests may need together, in MiB (each request's need is
+    # estimated from the model's shapes and its size: pipelines/memory_estimate.py). Requests
+    # wait until they fit; one that could never fit is rejected at submission. None: 80% of what
+    # the workers could allocate once the model was loaded.
+    memory_budget_mb: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -126,6 +131,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         if not isinstance(self.diffusers_adapter, bool):
             raise ValueError(f"EngineConfig.diffusers_adapter must be true or false, got {self.diffusers_adapter!r}")
         _int_at_least("max_worker_restarts", self.max_worker_restarts, 0, MAX_WORKER_RESTARTS)
+        if self.memory_budget_mb is not None:
+            _int_at_least("memory_budget_mb", self.memory_budget_mb, 1, 1 << 40)
 
     @classmethod
     def of(cls, model: str | EngineConfig | None = None, **options: Any) -> EngineConfig:

@@ -28,6 +28,7 @@ from engine.contract.sampling_params import MAX_SEED, SamplingParams
 from engine.core.request import Request
 from engine.core.restart_policy import RestartPolicy
 from engine.core.scheduler import StepScheduler
+from pipelines.memory_estimate import read_vae_config, request_bytes
 from pipelines.model_info import ModelInfo
 from pipelines.registry import family_path, served_families
 from runner.devices import check_devices
@@ -91,6 +92,8 @@ class EngineCore:
         self._family_path = family_path(family)
         self.executor = make_executor(self.config, self._family_path)
         self._restarts = RestartPolicy(config.max_worker_restarts)
+        self._vae_config = read_vae_config(self.model_info.path)
+        self.scheduler.memory_budget = self._memory_budget()
         self._restarts.started(time.monotonic())
         self._ids = itertools.count()
         self._pending = 0  # batches submitted and not yet collected
@@ -110,7 +113,34 @@ class EngineCore:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = Request(request_id=request_id, params=params, seed=seed, **fields)
         _check_sendable(request)
+        request.memory_bytes = self._request_memory(params)
         return request
+
+    def _request_memory(self, params: SamplingParams) -> int:
+        """The request's estimated activation memory; ValueError if it could never fit."""
+        info = self.model_info
+        height = params.height or info.default_height or 1024
+        width = params.width or info.default_width or 1024
+        element_bytes = 2 if self.config.dtype in ("bfloat16", "float16") else 4
+        need = request_bytes(height, width, info.transformer_config, self._vae_config, element_bytes)
+        budget = self.scheduler.memory_budget
+        if budget is not None and need > budget:
+            raise ValueError(
+                f"SamplingParams.height x width = {height}x{width} needs about {need / 2**20:.0f} MiB of activation "
+                f"memory, more than this engine's budget of {budget / 2**20:.0f} MiB (memory_budget_mb); "
+                "ask for a smaller image"
+            )
+        return need
+
+    def _memory_budget(self) -> int | None:
+        """Bytes the running requests may need together: the configured budget, or 80% of the
+        least any worker could still allocate after loading the model."""
+        if self.config.memory_budget_mb is not None:
+            return self.config.memory_budget_mb * 2**20
+        free = [info.get("free_memory_bytes") for info in self.executor.worker_info.values()]
+        if not free or any(f is None for f in free):
+            return None
+        return int(0.8 * min(free))
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -28,6 +28,10 @@ class FairQueue:
         line.append(request)
         self._by_id[request.request_id] = request
 
+    def peek(self) -> Request:
+        """The request popleft() would return."""
+        return next(iter(self._lines.values()))[0]
+
     def popleft(self) -> Request:
         """The oldest request of the client whose turn it is; that client goes to the back."""
         client, line = next(iter(self._lines.items()))

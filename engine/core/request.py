@@ -33,6 +33,8 @@ class Request:
     # Who asked (a server session; "" for the embedded front doors): admission takes turns
     # between clients.
     client: str = ""
+    # Estimated peak activation memory while it runs (admission keeps the sum within budget).
+    memory_bytes: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     first_scheduled_time: float | None = None

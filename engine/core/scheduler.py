@@ -31,11 +31,14 @@ class StepScheduler:
         max_batches_in_flight: int = 1,
         max_waiting: int | None = None,
         overlap: bool = False,
+        memory_budget: int | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batches_in_flight = max_batches_in_flight
         self.max_waiting = max_waiting
         self.overlap = overlap
+        self.memory_budget = memory_budget  # bytes the running requests may need together
+        self.running_memory = 0
         self._per_request_limit = 2 if overlap else 1
         self.waiting = FairQueue()
         self.running: dict[str, Request] = {}  # by request id
@@ -72,10 +75,10 @@ class StepScheduler:
         if request is not None:
             self.waiting.remove(request)
             return self._finish(request, RequestStatus.ABORTED, "request aborted", now)
-        request = self.running.pop(request_id, None)
+        request = self.running.get(request_id)
         if request is None:
             return None
-        del self._by_wire[request.wire_id]
+        self._forget(request)
         if request.sent_to_workers:
             self._drop.append(request.wire_id)
         return self._finish(request, RequestStatus.ABORTED, "request aborted", now)
@@ -84,6 +87,7 @@ class StepScheduler:
         """End every request with `error` (the workers are gone)."""
         outputs = [self._finish(r, RequestStatus.FAILED, error, now) for r in [*self.running.values(), *self.waiting]]
         self.running.clear()
+        self.running_memory = 0
         self._by_wire.clear()
         self.waiting.clear()
         self.in_flight.clear()
@@ -96,6 +100,7 @@ class StepScheduler:
         requests that never reached a worker can still run on the new grid."""
         outputs = [self._finish(r, RequestStatus.FAILED, error, now) for r in self.running.values()]
         self.running.clear()
+        self.running_memory = 0
         self._by_wire.clear()
         self.in_flight.clear()
         self._drop.clear()
@@ -118,8 +123,9 @@ class StepScheduler:
         if len(self.in_flight) >= self.max_batches_in_flight:
             return None
         now = time.monotonic() if now is None else now
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.waiting.peek()):
             request = self.waiting.popleft()
+            self.running_memory += request.memory_bytes
             request.status = RequestStatus.RUNNING
             self.running[request.request_id] = request
             self._by_wire[request.wire_id] = request
@@ -155,6 +161,13 @@ class StepScheduler:
             self.in_flight[batch.step_id] = ids
         return batch
 
+    def _fits(self, request: Request) -> bool:
+        """Admitting `request` keeps the running set within the memory budget. (The next
+        request waits for room rather than being skipped, so a large one is not starved.)"""
+        if self.memory_budget is None or not self.running:
+            return True
+        return self.running_memory + request.memory_bytes <= self.memory_budget
+
     def update(self, results: StepResults, now: float | None = None) -> list[RequestOutput]:
         """Apply one batch's results; returns an output per request that is still ours."""
         now = time.monotonic() if now is None else now
@@ -189,6 +202,7 @@ class StepScheduler:
     def _forget(self, request: Request) -> None:
         del self.running[request.request_id]
         del self._by_wire[request.wire_id]
+        self.running_memory -= request.memory_bytes
 
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, request, status, error, now, images=None) -> RequestOutput:
