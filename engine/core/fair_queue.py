@@ -1,16 +1,18 @@
-"""The waiting queue, fair across clients: admission takes turns between them.
+"""The waiting queue, fair across clients: the next free slot goes to the client with the
+fewest requests running.
 
 First come, first served lets one client that submits thousands of requests push every other
 client's request behind all of its own. Here each client (a server session, or "" for the
-embedded front doors) has its own first-come-first-served line, and admission visits the lines
-in turn, one request each. A client alone sees plain FCFS; two clients get alternating slots
-however many requests either has queued.
+embedded front doors) has its own first-come-first-served line. A free slot goes to the waiting
+client that has the fewest requests running (ties: the one whose turn came longest ago), so a
+client with one request waiting gets the next slot even while another holds all the rest, and
+clients with equal shares alternate. A client alone sees plain FCFS.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from engine.core.request import Request
 
@@ -28,13 +30,15 @@ class FairQueue:
         line.append(request)
         self._by_id[request.request_id] = request
 
-    def peek(self) -> Request:
-        """The request popleft() would return."""
-        return next(iter(self._lines.values()))[0]
+    def peek(self, running: Mapping[str, int]) -> Request:
+        """The request popleft(running) would return; `running`: requests running per client."""
+        return self._lines[self._next_client(running)][0]
 
-    def popleft(self) -> Request:
-        """The oldest request of the client whose turn it is; that client goes to the back."""
-        client, line = next(iter(self._lines.items()))
+    def popleft(self, running: Mapping[str, int]) -> Request:
+        """The oldest request of the client with the fewest running (then: longest since its
+        turn); that client goes to the back of the turn order."""
+        client = self._next_client(running)
+        line = self._lines[client]
         request = line.popleft()
         if line:
             self._lines.move_to_end(client)
@@ -42,6 +46,9 @@ class FairQueue:
             del self._lines[client]
         del self._by_id[request.request_id]
         return request
+
+    def _next_client(self, running: Mapping[str, int]) -> str:
+        return min(self._lines, key=lambda client: running.get(client, 0))  # min keeps the first of ties
 
     def remove(self, request: Request) -> None:
         line = self._lines[request.client]

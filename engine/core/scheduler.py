@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 
 from engine.contract.errors import OverloadedError
 from engine.contract.messages import StepBatch, StepResults
@@ -39,6 +40,7 @@ class StepScheduler:
         self.overlap = overlap
         self.memory_budget = memory_budget  # bytes the running requests may need together
         self.running_memory = 0
+        self._running_by_client: Counter[str] = Counter()  # admission favours clients running fewer
         self._per_request_limit = 2 if overlap else 1
         self.waiting = FairQueue()
         self.running: dict[str, Request] = {}  # by request id
@@ -88,6 +90,7 @@ class StepScheduler:
         outputs = [self._finish(r, RequestStatus.FAILED, error, now) for r in [*self.running.values(), *self.waiting]]
         self.running.clear()
         self.running_memory = 0
+        self._running_by_client.clear()
         self._by_wire.clear()
         self.waiting.clear()
         self.in_flight.clear()
@@ -101,6 +104,7 @@ class StepScheduler:
         outputs = [self._finish(r, RequestStatus.FAILED, error, now) for r in self.running.values()]
         self.running.clear()
         self.running_memory = 0
+        self._running_by_client.clear()
         self._by_wire.clear()
         self.in_flight.clear()
         self._drop.clear()
@@ -123,9 +127,11 @@ class StepScheduler:
         if len(self.in_flight) >= self.max_batches_in_flight:
             return None
         now = time.monotonic() if now is None else now
-        while self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.waiting.peek()):
-            request = self.waiting.popleft()
+        by_client = self._running_by_client
+        while self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.waiting.peek(by_client)):
+            request = self.waiting.popleft(by_client)
             self.running_memory += request.memory_bytes
+            by_client[request.client] += 1
             request.status = RequestStatus.RUNNING
             self.running[request.request_id] = request
             self._by_wire[request.wire_id] = request
@@ -203,6 +209,9 @@ class StepScheduler:
         del self.running[request.request_id]
         del self._by_wire[request.wire_id]
         self.running_memory -= request.memory_bytes
+        self._running_by_client[request.client] -= 1
+        if not self._running_by_client[request.client]:
+            del self._running_by_client[request.client]
 
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, request, status, error, now, images=None) -> RequestOutput:
