@@ -97,6 +97,29 @@ def references(qwen_dir):
 
 
 # -- correctness under concurrency ---------------------------------------------------------------
+async def test_an_id_reused_after_finish_or_abort_gets_a_fresh_request_and_a_live_one_is_refused(server, references):
+    """Over the wire as embedded: the id names one request at a time, and whatever ran under it
+    before (prompt, state, a late result) never reaches the next request with that id."""
+    cases, expected = references
+
+    async def final(client, i):
+        outputs = [o async for o in client.generate(cases[i][0], cases[i][1], request_id="fox")]
+        return outputs[-1]
+
+    async with AsyncEngineClient(server.address, TOKEN) as client:
+        first, second = await final(client, 0), await final(client, 1)  # reused after finishing
+        assert np.abs(first.images - expected[0]).max() < 1e-4
+        assert np.abs(second.images - expected[1]).max() < 1e-4
+        live = client.generate("a long one", LONG, request_id="fox")
+        await live.__anext__()
+        with pytest.raises(ValueError, match="'fox' is already in flight"):
+            await client.generate("a second fox", LONG, request_id="fox").__anext__()
+        await client.abort("fox")  # aborted mid-run, then reused at once
+        await live.aclose()
+        third = await final(client, 2)
+        assert third.num_steps == 2 and np.abs(third.images - expected[2]).max() < 1e-4
+
+
 def test_200_requests_from_4_clients_match_omni(server, references):
     cases, expected = references
     per_client = 50
