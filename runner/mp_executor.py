@@ -161,7 +161,7 @@ class MultiprocExecutor(Executor):
             raise RuntimeError("state_ids() needs an idle executor (batches are in flight)")
         frames = self._encoder.encode(StateQuery())
         for sock in self._batch_sockets:
-            sock.send_multipart(frames)
+            self._send(sock, frames)
         ids, replies = set(), 0
         while replies < self.world_size:
             message = self._receive(POLL_S)
