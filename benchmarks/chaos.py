@@ -148,6 +148,7 @@ async def kill_under_load(model: str, restarts: int) -> dict:
                 if not isinstance(o, Exception) and o.error is None
             )
             result["restart_seconds"] = round(engine.core.stats.restart_s, 2)
+            result["first_start_seconds"] = round(engine.core.stats.startup_s, 2)
         else:
             result["engine_dead"] = engine.is_dead
     return result

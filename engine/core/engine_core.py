@@ -47,6 +47,7 @@ class EngineStats:
     worker_idle_s: float = 0.0  # reporting worker's wait between consecutive batches
     restarts: int = 0  # worker grids started after a crash
     restart_s: float = 0.0  # wall time of the last restart (crash noticed to new grid ready)
+    startup_s: float = 0.0  # wall time to start the first worker grid (a restart's baseline)
 
     def record(self, results) -> None:
         self.batches += 1
@@ -90,14 +91,16 @@ class EngineCore:
         )
         check_devices(self.config)
         self._family_path = family_path(family)
+        self.stats = EngineStats()
+        started = time.monotonic()
         self.executor = make_executor(self.config, self._family_path)
+        self.stats.startup_s = time.monotonic() - started
         self._restarts = RestartPolicy(config.max_worker_restarts)
         self._vae_config = read_vae_config(self.model_info.path)
         self.scheduler.memory_budget = self._memory_budget()
         self._restarts.started(time.monotonic())
         self._ids = itertools.count()
         self._pending = 0  # batches submitted and not yet collected
-        self.stats = EngineStats()
 
     # -- requests ----------------------------------------------------------------------------
     def make_request(
