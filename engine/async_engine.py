@@ -131,11 +131,15 @@ class AsyncEngine:
                     self._publish(core.check_health())
                     continue
                 # Answer state queries once nothing is in flight and every drop has been sent, so
-                # an abort that arrived with the query is reflected in the answer.
-                if self._queries and core.pending_batches == 0 and not core.scheduler.has_pending_drops():
-                    self._answer_queries()
-                    continue
-                outputs = core.step()
+                # an abort that arrived with the query is reflected in the answer. A busy engine
+                # always has a batch in flight: stop submitting until the ones out there are back.
+                schedule = True
+                if self._queries:
+                    if core.pending_batches == 0 and not core.scheduler.has_pending_drops():
+                        self._answer_queries()
+                        continue
+                    schedule = core.pending_batches == 0  # only to send the pending drops
+                outputs = core.step(schedule)
                 if outputs:
                     self._publish(outputs)
         except Exception as exc:  # the workers are gone (EngineDeadError) or the core broke

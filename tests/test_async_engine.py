@@ -99,6 +99,12 @@ async def test_worker_process_matches_inproc_with_abort_and_cancel(qwen_dir):
             break
         await asyncio.sleep(0.5)
         assert await mp.worker_state_ids() == []
+        # a busy engine (always a batch in flight with async scheduling) still answers at once
+        busy = mp.generate("busy", SamplingParams(num_inference_steps=1000), request_id="busy")
+        await busy.__anext__()
+        assert await asyncio.wait_for(mp.worker_state_ids(), 5) == ["busy"]
+        assert not (await busy.__anext__()).finished  # and goes on stepping afterwards
+        await busy.aclose()
     finally:
         mp.shutdown()
         inproc.shutdown()

@@ -167,12 +167,12 @@ class EngineCore:
     def schedule(self) -> StepBatch | None:
         return self.scheduler.schedule(time.monotonic())
 
-    def step(self) -> list[RequestOutput]:
-        """Submit every batch the scheduler allows, then collect the oldest one's results.
-        After a worker crash: the failed running requests' outputs (with restarts on), or
-        EngineDeadError."""
+    def step(self, schedule: bool = True) -> list[RequestOutput]:
+        """Submit every batch the scheduler allows, then collect the oldest one's results
+        (`schedule=False`: only collect, to let the batches in flight drain). After a worker
+        crash: the failed running requests' outputs (with restarts on), or EngineDeadError."""
         try:
-            return self._step()
+            return self._step(schedule)
         except EngineDeadError as exc:
             return self._recover(exc)
 
@@ -185,8 +185,8 @@ class EngineCore:
             return self._recover(exc)
         return []
 
-    def _step(self) -> list[RequestOutput]:
-        while (batch := self.schedule()) is not None:
+    def _step(self, schedule: bool) -> list[RequestOutput]:
+        while schedule and (batch := self.schedule()) is not None:
             self.executor.submit(batch)
             self._pending += 1
         if self._pending == 0:
