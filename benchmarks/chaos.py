@@ -190,8 +190,9 @@ from engine import AsyncEngineClient, SamplingParams
 async def main():
     async with AsyncEngineClient(sys.argv[1], sys.argv[2]) as client:
         streams = [client.generate(f"soak {i}", SamplingParams(num_inference_steps=200, seed=i)) for i in range(4)]
-        await asyncio.gather(*(s.__anext__() for s in streams))
-        print("streaming", flush=True)
+        pending = [asyncio.ensure_future(s.__anext__()) for s in streams]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        print("streaming", flush=True)  # killed from here on, its requests still running or queued
         await asyncio.sleep(30)
 asyncio.run(main())
 """
