@@ -294,29 +294,34 @@ async def flood(server: Server, flood_requests: int, samples: int) -> dict:
     }
 
 
+TRIALS = ("storm", "kill", "soak", "hostile", "flood")
+
+
 async def main_async(args) -> dict:
     rng = random.Random(0)
     results = {"model": args.model}
-    print("abort storm ...", flush=True)
-    results["abort_storm"] = await abort_storm(args.model, args.storm_requests, rng)
-    print(results["abort_storm"], flush=True)
-    for restarts in (0, 1):
-        print(f"kill -9 under load (max_worker_restarts={restarts}) ...", flush=True)
-        results[f"kill_under_load_restarts_{restarts}"] = await kill_under_load(args.model, restarts)
-        print(results[f"kill_under_load_restarts_{restarts}"], flush=True)
-    server = Server(args.model, "--max-num-seqs", "4", "--executor", "mp")
-    try:
-        print("soak ...", flush=True)
-        results["soak"] = await soak(server, args.soak_rounds)
-        print(results["soak"], flush=True)
-        print("hostile frames ...", flush=True)
-        results["hostile_frames"] = hostile_frames(server, args.hostile_messages, rng)
-        print(results["hostile_frames"], flush=True)
-        print("flood ...", flush=True)
-        results["flood"] = await flood(server, args.flood_requests, args.polite_samples)
-        print(results["flood"], flush=True)
-    finally:
-        server.stop()
+    only = set(args.only or TRIALS)
+
+    def report(name: str, value: dict) -> None:
+        results[name] = value
+        print(name, value, flush=True)
+
+    if "storm" in only:
+        report("abort_storm", await abort_storm(args.model, args.storm_requests, rng))
+    if "kill" in only:
+        for restarts in (0, 1):
+            report(f"kill_under_load_restarts_{restarts}", await kill_under_load(args.model, restarts))
+    if only & {"soak", "hostile", "flood"}:
+        server = Server(args.model, "--max-num-seqs", "4", "--executor", "mp")
+        try:
+            if "soak" in only:
+                report("soak", await soak(server, args.soak_rounds))
+            if "hostile" in only:
+                report("hostile_frames", hostile_frames(server, args.hostile_messages, rng))
+            if "flood" in only:
+                report("flood", await flood(server, args.flood_requests, args.polite_samples))
+        finally:
+            server.stop()
     return results
 
 
@@ -328,6 +333,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hostile-messages", type=int, default=100)
     parser.add_argument("--flood-requests", type=int, default=200)
     parser.add_argument("--polite-samples", type=int, default=10)
+    parser.add_argument("--only", nargs="+", choices=TRIALS, help="run only these trials (default: all)")
     parser.add_argument("--out", default="docs/results/chaos.json")
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))

@@ -83,7 +83,12 @@ def _serve(args: argparse.Namespace) -> int:
         claim_ipc_path(address)
     log.info("starting engine for %s; will serve on %s", args.model, address)
     engine = AsyncEngine(
-        engine_config(args, max_waiting=args.max_waiting, max_worker_restarts=args.max_worker_restarts)
+        engine_config(
+            args,
+            max_waiting=args.max_waiting,
+            max_worker_restarts=args.max_worker_restarts,
+            max_paused=args.max_paused if args.pp_size == 1 else 0,
+        )
     )
     try:
         server = EngineServer(
@@ -155,6 +160,13 @@ def _add_serve_parser(commands) -> None:
         type=int,
         default=256,
         help="requests one client may have in flight; more are rejected as overloaded (default 256)",
+    )
+    serve.add_argument(
+        "--max-paused",
+        type=int,
+        default=4,
+        help="requests that may run beyond --max-num-seqs for clients with nothing running; running requests "
+        "then take turns at step boundaries, so one client's flood cannot make another wait (default 4)",
     )
     serve.add_argument(
         "--max-worker-restarts",

@@ -1,6 +1,8 @@
 """Who gets the next free slot: clients take turns, and the running set stays within the memory
 budget (a request that could never fit is refused at submission)."""
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,10 @@ def make(request_id, client="", memory=0, steps=3):
     )
     request.memory_bytes = memory
     return request
+
+
+def _np(steps: int, seed: int) -> SamplingParams:
+    return SamplingParams(num_inference_steps=steps, seed=seed, output_type="np")
 
 
 def _admitted(batch) -> list[str]:
@@ -65,6 +71,65 @@ def test_one_request_alone_always_runs_even_over_the_budget():
     s = StepScheduler(max_num_seqs=8, memory_budget=10)
     s.add_request(make("huge", memory=50))  # the engine refuses these at submission; never deadlock
     assert _admitted(s.schedule(0.0)) == ["huge"]
+
+
+def test_a_client_with_nothing_running_starts_at_once_and_running_requests_take_turns():
+    s = StepScheduler(max_num_seqs=2, max_paused=1)
+    for i in range(5):
+        s.add_request(make(f"flood-{i}", client="flood", steps=100))
+    first = s.schedule(0.0)
+    assert _admitted(first) == ["flood-0", "flood-1"]  # one client never runs past the row cap
+    s.update(fake_results(first), 0.0)
+    s.add_request(make("polite", client="polite", steps=100))
+    rows = []
+    for _ in range(4):
+        batch = s.schedule(0.0)
+        rows.append([n.request_id for n in batch.new] + batch.cached)
+        assert len(rows[-1]) == 2  # each step batch still holds at most max_num_seqs rows
+        s.update(fake_results(batch), 0.0)
+    assert len(s.running) == 3 and all("polite" in r for r in rows)  # admitted past the cap; a row every step
+    # the flood's two running requests share its remaining row in turn
+    assert [r for batch in rows for r in batch if r != "polite"] == ["flood-0", "flood-1"] * 2
+
+
+async def test_a_request_that_sits_out_steps_gives_the_image_it_gives_alone(qwen_dir):
+    import diffusers
+
+    from engine import AsyncEngine
+    from tests.conftest import diffusers_reference
+
+    cases = {
+        "flood-a": ("flood", {"prompt": "a red barn"}, _np(steps=12, seed=1)),
+        "flood-b": ("flood", {"prompt": "a tin roof"}, _np(steps=10, seed=2)),
+        "polite": (
+            "polite",
+            {"prompt": "a stone bridge", "negative_prompt": "fog"},
+            _np(steps=8, seed=3),
+        ),
+    }
+    async with AsyncEngine(model=str(qwen_dir), executor="inproc", max_num_seqs=1, max_paused=2) as engine:
+        most_running = 0
+
+        async def watch():
+            nonlocal most_running
+            while True:
+                most_running = max(most_running, len(engine.core.scheduler.running))
+                await asyncio.sleep(0.002)
+
+        async def run(request_id):
+            client, prompt, params = cases[request_id]
+            outputs = [o async for o in engine.generate(prompt, params, request_id=request_id, client=client)]
+            return outputs[-1]
+
+        watcher = asyncio.ensure_future(watch())
+        results = dict(zip(cases, await asyncio.gather(*(run(rid) for rid in cases))))
+        watcher.cancel()
+        assert most_running == 2  # one row per step, two requests taking turns
+    pipe = diffusers.QwenImagePipeline.from_pretrained(str(qwen_dir))
+    for request_id, (_, prompt, params) in cases.items():
+        assert results[request_id].error is None
+        expected = diffusers_reference(pipe, prompt, params, size=(64, 64))
+        np.testing.assert_allclose(results[request_id].images, expected, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # wait until they fit; one that could never fit is rejected at submission. None: 80% of what
     # the workers could allocate once the model was loaded.
     memory_budget_mb: int | None = None
+    # Requests that may run beyond max_num_seqs, for clients with nothing running: when one
+    # client holds every slot, another's request starts at once and the running requests take
+    # turns at step boundaries (each step batch still holds at most max_num_seqs; a request that
+    # sits a step out keeps its state on the workers). 0: no pausing (pure FCFS within the cap).
+    # Not with pipeline parallelism. `stepweave serve` sets 4.
+    max_paused: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -131,6 +137,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         if not isinstance(self.diffusers_adapter, bool):
             raise ValueError(f"EngineConfig.diffusers_adapter must be true or false, got {self.diffusers_adapter!r}")
         _int_at_least("max_worker_restarts", self.max_worker_restarts, 0, MAX_WORKER_RESTARTS)
+        _int_at_least("max_paused", self.max_paused, 0, MAX_NUM_SEQS)
         if self.memory_budget_mb is not None:
             _int_at_least("memory_budget_mb", self.memory_budget_mb, 1, 1 << 40)
 

@@ -88,6 +88,7 @@ class EngineCore:
             max_batches_in_flight=pp_size if pp_size > 1 else (2 if async_scheduling else 1),
             max_waiting=config.max_waiting,
             overlap=async_scheduling and pp_size == 1,
+            max_paused=config.max_paused if pp_size == 1 else 0,
         )
         check_devices(self.config)
         self._family_path = family_path(family)

@@ -44,6 +44,7 @@ class Request:
     steps_scheduled: int = 0
     in_flight: int = 0  # step batches holding this request that have not come back yet
     sent_to_workers: bool = False
+    last_batch: int = -1  # step id of the last batch that held it (who sat out longest steps next)
     # The id the workers know this incarnation by: the request id, unless an earlier request with
     # that id may still have state or results on their side (then the scheduler makes it unique).
     wire_id: str = ""

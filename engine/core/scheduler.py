@@ -33,12 +33,16 @@ class StepScheduler:
         max_waiting: int | None = None,
         overlap: bool = False,
         memory_budget: int | None = None,
+        max_paused: int = 0,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batches_in_flight = max_batches_in_flight
         self.max_waiting = max_waiting
         self.overlap = overlap
         self.memory_budget = memory_budget  # bytes the running requests may need together
+        # Requests that may be running beyond max_num_seqs, for clients that had none running;
+        # each batch still holds at most max_num_seqs, and the running requests take turns.
+        self.max_paused = max_paused
         self.running_memory = 0
         self._running_by_client: Counter[str] = Counter()  # admission favours clients running fewer
         self._per_request_limit = 2 if overlap else 1
@@ -128,7 +132,10 @@ class StepScheduler:
             return None
         now = time.monotonic() if now is None else now
         by_client = self._running_by_client
-        while self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.waiting.peek(by_client)):
+        limit = self.max_num_seqs + self.max_paused
+        while self.waiting and len(self.running) < limit and self._fits(self.waiting.peek(by_client)):
+            if len(self.running) >= self.max_num_seqs and by_client[self.waiting.peek(by_client).client]:
+                break  # past the row cap only a client with nothing running gets in
             request = self.waiting.popleft(by_client)
             self.running_memory += request.memory_bytes
             by_client[request.client] += 1
@@ -141,13 +148,14 @@ class StepScheduler:
         share = len(self.running)
         if self.max_batches_in_flight > 1 and not self.overlap:
             share = -(-len(self.running) // self.max_batches_in_flight)
-        for request in self.running.values():
-            if len(new) + len(cached) >= share:
-                break
-            if request.in_flight >= self._per_request_limit or (
-                request.in_flight and request.steps_scheduled >= request.num_steps
-            ):
-                continue
+        rows = min(share, self.max_num_seqs)
+        eligible = [
+            r
+            for r in self.running.values()
+            if r.in_flight < self._per_request_limit and not (r.in_flight and r.steps_scheduled >= r.num_steps)
+        ]
+        chosen = eligible[:rows] if self.max_paused == 0 else _take_turns(eligible, rows)
+        for request in chosen:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
             if request.sent_to_workers:
@@ -157,6 +165,7 @@ class StepScheduler:
                 request.sent_to_workers = True
             request.in_flight += 1
             request.steps_scheduled += 1
+            request.last_batch = self._next_step_id
         if not new and not cached and not self._drop:
             return None
         batch = StepBatch(step_id=self._next_step_id, new=new, cached=cached, drop=self._drop)
@@ -230,3 +239,20 @@ class StepScheduler:
             seed=request.seed,
             metrics=metrics,
         )
+
+
+def _take_turns(eligible: list[Request], rows: int) -> list[Request]:
+    """`rows` of the eligible requests, shared evenly between clients and, within a client, the
+    ones that waited longest since their last step first: requests beyond the row cap sit out
+    steps in turn (their state stays on the workers) instead of one client's requests holding
+    every row."""
+    if len(eligible) <= rows:
+        return eligible
+    taken: Counter[str] = Counter()
+    pool, chosen = list(eligible), []
+    for _ in range(rows):
+        pick = min(pool, key=lambda r: (taken[r.client], r.last_batch))
+        pool.remove(pick)
+        chosen.append(pick)
+        taken[pick.client] += 1
+    return chosen
