@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 2
     saved = sys.argv
-    sys.argv = [str(script), *args.bench_args]
+    sys.argv = ["stepweave bench", *args.bench_args]  # the script's usage line names the command
     try:
         runpy.run_path(str(script), run_name="__main__")
     finally:

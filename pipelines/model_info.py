@@ -8,6 +8,7 @@ comes from the registry; the checks that differ between families are the family'
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,3 +99,26 @@ class ModelInfo:
             )
         family.check_request(self, params, fields)
         family.check_scheduler_choice(self, params)
+        if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and fields.get("negative_prompt") is None:
+            if self.takes_true_cfg:
+                warn_once(
+                    "true_cfg_scale > 1 has no effect without a negative prompt: "
+                    f"{self.pipeline_class} runs true CFG only with one (as diffusers does)"
+                )
+
+    @property
+    def takes_true_cfg(self) -> bool:
+        """The pipeline has true CFG (a negative-prompt branch scaled by true_cfg_scale)."""
+        import inspect
+
+        return "true_cfg_scale" in inspect.signature(self.pipeline_type.__call__).parameters
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning about a request that still runs, once per process (not once per request)."""
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("stepweave").warning(message)
