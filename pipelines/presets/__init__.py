@@ -12,6 +12,7 @@ in `components`, the seeding helpers in `common`, and the tokenizers in `tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -113,12 +114,28 @@ def export_preset(name: str, directory: str | os.PathLike, preset_size: bool = F
     spec = _spec(name)
     directory = Path(directory)
     pipe = spec.builder()
-    pipe.save_pretrained(str(directory), safe_serialization=True)
+    with _quiet_saving():
+        pipe.save_pretrained(str(directory), safe_serialization=True)
     meta: dict = {"preset": name, "family": spec.family}
     if preset_size:
         meta.update(default_height=spec.default_height, default_width=spec.default_width)
     (directory / "stepweave.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
+
+
+@contextlib.contextmanager
+def _quiet_saving():
+    """transformers shows a "Writing model shards" bar per text encoder: noise in the middle of
+    a user's first `stepweave generate`, which builds the preset it asks for."""
+    import transformers
+
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def cache_root() -> Path:
