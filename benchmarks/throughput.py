@@ -218,8 +218,10 @@ def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
+def main(argv=None, prog: str | None = None, parser_class: type = argparse.ArgumentParser) -> dict:
+    """`prog` and `parser_class`: how `stepweave bench` names the command and reports mistakes."""
+    parser = parser_class(
+        prog=prog,
         description="stepweave throughput against diffusers baselines",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -32,7 +32,7 @@ class UsageError(ValueError):
     """A mistake in the command line, found before anything ran (exit code 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """argparse, with a one-line error (no usage block) and flag defaults in the help."""
 
     def __init__(self, *args, epilog_factory=None, **kwargs):
@@ -313,7 +313,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from engine.bench_cli import add_bench_parser
 
-    parser = _Parser(prog="stepweave", description="Continuous-batching diffusion serving", epilog=EXIT_CODES)
+    parser = CommandParser(prog="stepweave", description="Continuous-batching diffusion serving", epilog=EXIT_CODES)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate_parser(commands)
     _add_serve_parsers(commands)

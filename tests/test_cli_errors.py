@@ -34,6 +34,7 @@ MISTAKES = [
     (["export-preset", "tiny-dit", "/proc/forbidden"], EXIT_USAGE, "cannot write /proc/forbidden"),
     (["serve", "--address", "tcp://0.0.0.0:5555"], EXIT_USAGE, "--auth-token"),
     (["status", "--address", "ipc:///tmp/sw-nobody/x.sock", "--timeout", "0.5"], EXIT_FAILED, "no stepweave server"),
+    (["bench", "--bogus"], EXIT_USAGE, "stepweave bench: error: unrecognized arguments: --bogus"),
     (["frobnicate"], EXIT_USAGE, "argument COMMAND: invalid choice: 'frobnicate'"),
 ]
 if not torch.cuda.is_available():
