@@ -45,7 +45,8 @@ class Omni:
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 try:
-                    requests = [self.core.make_request(prompt, p) for p in split_images(_checked(params))]
+                    checked = _checked(params)
+                    requests = [self.core.make_request(prompt, p) for p in split_images(checked)]
                 except ValueError as exc:
                     results[i] = failed_output(f"omni-rejected-{i}", f"ValueError: {exc}")
                     continue
@@ -53,7 +54,7 @@ class Omni:
                 for k, request in enumerate(requests):
                     where[request.request_id] = (i, k)
                     self.core.add_request(request)
-                submitted.append((i, requests[0].params))
+                submitted.append((i, checked))
             steps = sum(p.num_inference_steps * p.num_images_per_prompt for _, p in submitted)
             bar = GenerateProgress(len(submitted), steps, use_tqdm)
             self._run(where, parts, bar)
