@@ -344,6 +344,7 @@ class EngineServer:
                 steps = output.step
                 if output.finished:
                     outcome = "ok" if output.error is None else f"failed: {output.error}"
+                    outcome = "aborted" if output.error == "request aborted" else outcome
                 if output.finished or message.stream:
                     self._post(identity, to_wire(output, request_id))
         except ValueError as exc:
