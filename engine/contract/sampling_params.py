@@ -71,7 +71,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 _int_in(side, value, 16, MAX_SIDE)
         _int_in("num_images_per_prompt", self.num_images_per_prompt, 1, MAX_IMAGES_PER_PROMPT)
         if self.seed is not None:
-            _int_in("seed", self.seed, 0, MAX_SEED - (self.num_images_per_prompt - 1))
+            try:
+                _int_in("seed", self.seed, 0, MAX_SEED - (self.num_images_per_prompt - 1))
+            except ValueError as exc:
+                if self.num_images_per_prompt == 1:
+                    raise
+                raise ValueError(f"{exc} (image i of num_images_per_prompt uses seed + i)") from None
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()):
             raise ValueError(
                 f"SamplingParams.scheduler must be a diffusers scheduler class name, got {self.scheduler!r}"
