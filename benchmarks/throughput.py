@@ -172,8 +172,13 @@ def summarize(done: list[Done], occupancy: float) -> dict:
     }
 
 
-def plot(report: dict, path: str) -> None:
-    import matplotlib
+def plot(report: dict, path: str) -> bool:
+    """Latency CDFs and throughput bars; False (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        say(f"plot skipped: matplotlib is not installed (pip install -e '.[bench]'); {path} not written")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,33 +192,56 @@ def plot(report: dict, path: str) -> None:
     cdf.set_title("latency CDF")
     cdf.legend()
     names = list(report["systems"])
-    bars.bar(names, [report["systems"][n]["throughput_rps"] for n in names], color="tab:green")
+    values = [report["systems"][n]["throughput_rps"] for n in names]
+    drawn = bars.bar(range(len(names)), values, color="tab:green")
+    bars.bar_label(drawn, labels=[f"{v:.2f}" for v in values], padding=2, fontsize=8)
+    bars.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     bars.set_ylabel("requests / s")
+    bars.set_ylim(0, max(values) * 1.15)
     bars.set_title("throughput")
-    bars.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{report['config']['model']}, rate {report['config']['rate']:.2f} req/s")
+    fig.suptitle(f"{report['config']['model']}, {load_label(report['config'])}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    return True
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="stepweave throughput against diffusers baselines")
-    parser.add_argument("--model", default="small-qwen-image")
-    parser.add_argument("--num-requests", type=int, default=32)
+def load_label(config: dict) -> str:
+    """How the requests arrived: all at once ("saturated") or as a Poisson process at a rate."""
+    if config["rate"] * config["sequential_service_s"] >= config["num_requests"]:
+        return f"saturated: all {config['num_requests']} requests at once"
+    return f"{config['num_requests']} requests, Poisson arrivals at {config['rate']:.2f} req/s"
+
+
+def say(message: str) -> None:
+    """Progress on stderr, so the table on stdout stays clean to pipe."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv=None, prog: str | None = None, parser_class: type = argparse.ArgumentParser) -> dict:
+    """`prog` and `parser_class`: how `stepweave bench` names the command and reports mistakes."""
+    parser = parser_class(
+        prog=prog,
+        description="stepweave throughput against diffusers baselines",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="small-qwen-image", help="preset name or diffusers directory")
+    parser.add_argument("--num-requests", type=int, default=32, help="requests in the workload")
     parser.add_argument("--rate", type=float, default=None, help="req/s (default: 1.5x what sequential sustains)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 30, 40])
-    parser.add_argument("--max-num-seqs", type=int, nargs="+", default=[8])
-    parser.add_argument("--executor", choices=["mp", "inproc"], default="mp")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload (arrivals, prompts, step counts)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 30, 40], help="step counts the requests mix")
+    parser.add_argument(
+        "--max-num-seqs", type=int, nargs="+", default=[8], help="one stepweave system per value (and static batch)"
+    )
+    parser.add_argument("--executor", choices=["mp", "inproc"], default="mp", help="stepweave's executor")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every system's model")
     parser.add_argument("--adapter", action="store_true", help="also serve through the generic diffusers adapter")
     parser.add_argument("--height", type=int, default=None, help="image size (default: the model's)")
-    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None, help="image size (default: the model's)")
     parser.add_argument("--device", default="cpu", help="every system's device: cpu or cuda")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: float32)")
-    parser.add_argument("--json", default="benchmarks/results/throughput.json")
-    parser.add_argument("--plot", default="benchmarks/results/throughput.png")
+    parser.add_argument("--json", default="benchmarks/results/throughput.json", help="where the report is written")
+    parser.add_argument("--plot", default="benchmarks/results/throughput.png", help="where the plot is written")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # the stepweave worker inherits the same budget
 
@@ -222,6 +250,7 @@ def main(argv=None) -> dict:
     from benchmarks.forward_cost import forward_seconds
     from pipelines.model_info import ModelInfo
 
+    say(f"loading {args.model} (the diffusers baselines run on the same weights)")
     info = ModelInfo.load(args.model)
     size = (args.height or info.default_height, args.width or info.default_width)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
@@ -232,6 +261,7 @@ def main(argv=None) -> dict:
     CFG_KEY = (
         "true_cfg_scale" if "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters else "guidance_scale"
     )
+    say("timing one request alone to set the arrival rate")
     probe = Spec(0, 0.0, min(args.steps), PROMPTS[0], NEGATIVES[0], 0)
     _call(pipe, [probe], size)  # warm-up
     short = _call(pipe, [probe], size)
@@ -242,15 +272,20 @@ def main(argv=None) -> dict:
     args.rate = rate
     specs = make_workload(args.num_requests, rate, args.steps, args.seed)
 
+    say(f"{len(specs)} requests at {rate:.2f} req/s, {size[0]}x{size[1]}, steps {args.steps}")
     systems = {}
+    say("serving with diffusers-sequential")
     done, batches = serve_diffusers(pipe, specs, size, max_batch=1)
     systems["diffusers-sequential"] = summarize(done, 1.0)
+    say("serving with diffusers-static")
     done, batches = serve_diffusers(pipe, specs, size, max_batch=max(args.max_num_seqs))
     systems["diffusers-static"] = summarize(done, statistics.mean(batches))
     for n in args.max_num_seqs:
+        say(f"serving with stepweave-{n}")
         done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor, **options)
         systems[f"stepweave-{n}"] = summarize(done, occupancy)
         if args.adapter:
+            say(f"serving with stepweave-adapter-{n}")
             done, occupancy = serve_stepweave(str(info.path), specs, size, n, args.executor, adapter=True, **options)
             systems[f"stepweave-adapter-{n}"] = summarize(done, occupancy)
 
@@ -258,6 +293,7 @@ def main(argv=None) -> dict:
     base = systems["diffusers-sequential"]["throughput_rps"]
     limit = None  # measured with a hand-split family's forward_rows; adapter-only models have none
     if not info.family.steps_whole_calls:
+        say("measuring the batch-compute limit")
         cost = {"threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype, "size": size}
         limit = forward_seconds(str(info.path), rows=2, **cost) / (
             forward_seconds(str(info.path), rows=2 * widest, **cost) / widest
@@ -285,8 +321,9 @@ def main(argv=None) -> dict:
     print(f"arrival rate {rate:.2f} req/s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
-    if args.plot:
-        plot(report, args.plot)
+    say(f"wrote {args.json}")
+    if args.plot and plot(report, args.plot):
+        say(f"wrote {args.plot}")
     return report
 
 

@@ -21,8 +21,11 @@ from typing import AsyncIterator
 from engine.contract.config import EngineConfig
 from engine.contract.errors import EngineDeadError
 from engine.contract.outputs import RequestOutput
+from engine.contract.request_fields import request_fields
 from engine.contract.sampling_params import SamplingParams
 from engine.core.engine_core import EngineCore
+from engine.generation_info import attach_generation_info
+from engine.image_fan_out import join_outputs, progress_of, split_images, sub_request_id
 from engine.request_stream import RequestStream
 
 HEALTH_POLL_S = 0.5  # how often an idle engine checks that its workers are alive
@@ -32,7 +35,10 @@ class AsyncEngine:
     def __init__(self, model: str | EngineConfig = "tiny-qwen-image", **options):
         """`model` is a preset name, a diffusers directory or an EngineConfig; `options` are
         EngineConfig fields (max_num_seqs, parallel_config, executor, device, ...)."""
-        self.core = EngineCore(EngineConfig.of(model, **options))
+        config = EngineConfig.of(model, **options)
+        self.model = config.model  # as the caller named it (the core holds the resolved directory)
+        self.core = EngineCore(config)
+        self._groups: dict[str, list[str]] = {}  # a request with several images -> its images' ids
         self._inputs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._thread: threading.Thread | None = None
@@ -51,36 +57,53 @@ class AsyncEngine:
         client: str = "",
     ) -> AsyncIterator[RequestOutput]:
         """Yield progress outputs (step k of n), then the final output with images.
-        Leaving the loop early (break, cancel, consumer gone) aborts the request. `client` names
-        who asked (the server passes its session): admission takes turns between clients."""
+        Leaving the loop early (break, cancel, consumer gone) aborts the request. With
+        num_images_per_prompt=N the N images run as N requests and come back in one output.
+        `client` names who asked (the server passes its session): admission favours clients
+        with fewer requests running."""
         self._ensure_running()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        if request_id in self._streams:
+        if request_id in self._streams or request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        request = self.core.make_request(prompt, sampling_params, request_id)
-        request.client = client
-        stream = RequestStream(asyncio.get_running_loop())
-        self._streams[request_id] = stream
-        self._inputs.put(("add", request))
-        finished = False
+        params, fields = request_fields(prompt, sampling_params)
+        per_image = split_images(params)
+        ids = [request_id] if len(per_image) == 1 else [sub_request_id(request_id, i) for i in range(len(per_image))]
+        requests = [self.core.make_request(prompt, p, rid) for p, rid in zip(per_image, ids)]
+        for request in requests:
+            request.client = client
+        streams = []
+        for request in requests:
+            if request.request_id in self._streams:
+                raise ValueError(f"request_id {request.request_id!r} is already in flight")
+        for request in requests:
+            stream = RequestStream(asyncio.get_running_loop())
+            self._streams[request.request_id] = stream
+            self._inputs.put(("add", request))
+            streams.append(stream)
+        if len(ids) > 1:
+            self._groups[request_id] = ids
+        finished = [False] * len(ids)
         try:
-            while not finished:
-                output = await stream.get()
-                finished = output.finished
+            async for output in _merged(request_id, streams, finished, params):
+                if output.finished:
+                    attach_generation_info(output, fields, params, self.model)
                 yield output
         finally:
-            if self._streams.get(request_id) is stream:
-                del self._streams[request_id]
-            if not finished:
-                self._inputs.put(("abort", request_id))
+            self._groups.pop(request_id, None)
+            for rid, stream, done in zip(ids, streams, finished):
+                if self._streams.get(rid) is stream:
+                    del self._streams[rid]
+                if not done:
+                    self._inputs.put(("abort", rid))
 
     async def abort(self, request_id: str) -> None:
         """End a request now: its stream yields a final output with error "request aborted"."""
-        stream = self._streams.pop(request_id, None)
-        if stream is None:
-            return
-        self._inputs.put(("abort", request_id))
-        stream.put(RequestOutput(request_id, 0, 0, finished=True, error="request aborted"))
+        for rid in self._groups.get(request_id, [request_id]):
+            stream = self._streams.pop(rid, None)
+            if stream is None:
+                continue
+            self._inputs.put(("abort", rid))
+            stream.put(RequestOutput(rid, 0, 0, finished=True, error="request aborted"))
 
     async def worker_state_ids(self) -> list[str]:
         """Request ids the workers still hold state for, read between steps once no batch is in
@@ -186,6 +209,41 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that consumer's loop is closed; nobody is listening
                 pass
+
+
+async def _merged(
+    request_id: str, streams: list[RequestStream], finished: list[bool], params: SamplingParams
+) -> AsyncIterator[RequestOutput]:
+    """One request's outputs from its images' streams: each image's progress as the step all of
+    them reached, then one final output (the first failure ends it at once)."""
+    if len(streams) == 1:
+        while not finished[0]:
+            output = await streams[0].get()
+            finished[0] = output.finished
+            yield output
+        return
+    latest: list[RequestOutput | None] = [None] * len(streams)
+    waiting = {asyncio.ensure_future(stream.get()): k for k, stream in enumerate(streams)}
+    try:
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                k = waiting.pop(task)
+                output = latest[k] = task.result()
+                if output.finished:
+                    finished[k] = True
+                    if output.error is not None:
+                        yield join_outputs(request_id, [output], params.output_type)
+                        return
+                else:
+                    waiting[asyncio.ensure_future(streams[k].get())] = k
+            if all(finished):
+                yield join_outputs(request_id, latest, params.output_type)  # type: ignore[arg-type]
+            else:
+                yield progress_of(request_id, latest, params.num_inference_steps)
+    finally:
+        for task in waiting:
+            task.cancel()
 
 
 def _resolve(future: asyncio.Future, value) -> None:

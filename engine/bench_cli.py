@@ -23,12 +23,12 @@ def _run(args: argparse.Namespace) -> int:
             f"error: {script} not found; `stepweave bench` needs a source checkout (pip install -e .)", file=sys.stderr
         )
         return 2
-    saved = sys.argv
-    sys.argv = [str(script), *args.bench_args]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = saved
+    # Run the script's main() with the command's name in its usage line (as __main__ its
+    # argparse would call itself throughput.py).
+    namespace = runpy.run_path(str(script), run_name="stepweave_bench")
+    from engine.cli import CommandParser
+
+    namespace["main"](args.bench_args, prog="stepweave bench", parser_class=CommandParser)
     return 0
 
 

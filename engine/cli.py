@@ -1,7 +1,9 @@
-"""The `stepweave` command line: generate, serve, export-preset, keygen, bench.
+"""The `stepweave` command line: generate, serve, status, export-preset, keygen, bench.
 
 Every command that starts an engine takes the same engine options, turned into one
-EngineConfig by `engine_config`, so a flag means the same thing wherever it appears.
+EngineConfig by `engine_config`, so a flag means the same thing wherever it appears. A mistake
+is one line on stderr that names the flag or field, never a traceback (set STEPWEAVE_DEBUG=1
+to see one), and the exit code says what kind of failure it was (EXIT_CODES).
 """
 
 from __future__ import annotations
@@ -11,21 +13,67 @@ import asyncio
 import logging
 import os
 import sys
+from typing import Any, NoReturn
 
 from engine.contract.config import EngineConfig, ParallelConfig
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = """exit codes:
+  0    success
+  1    the command ran and failed: a request failed while generating, the engine or server died,
+       the server could not be reached
+  2    the command was wrong and nothing ran: a bad flag or value, an unknown model, a missing
+       device, an unwritable output path
+  130  interrupted (Ctrl-C); everything it started is stopped"""
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class UsageError(ValueError):
+    """A mistake in the command line, found before anything ran (exit code 2)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with a one-line error (no usage block) and flag defaults in the help."""
+
+    def __init__(self, *args, epilog_factory=None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.epilog_factory = epilog_factory  # an epilog computed only when help is shown
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's layout and shows each flag's default."""
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny-qwen-image", help="preset name or diffusers directory")
-    parser.add_argument("--max-num-seqs", type=int, default=8)
-    parser.add_argument("--cfg-parallel-size", type=int, default=1)
-    parser.add_argument("--pp-size", type=int, default=1)
-    parser.add_argument("--executor", choices=["inproc", "mp"], default="mp")
-    parser.add_argument(
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--model",
+        default="tiny-qwen-image",
+        help="preset name, diffusers directory or Hugging Face repo id (org/name, from its cache)",
+    )
+    engine.add_argument("--max-num-seqs", type=int, default=8, help="requests that step together")
+    engine.add_argument("--cfg-parallel-size", type=int, default=1, help="ranks that split the CFG branches")
+    engine.add_argument("--pp-size", type=int, default=1, help="pipeline stages that split the transformer's blocks")
+    engine.add_argument(
+        "--executor",
+        choices=["inproc", "mp"],
+        default="mp",
+        help="mp: the model runs in worker processes; inproc: in this process (one rank)",
+    )
+    engine.add_argument(
         "--device", default=None, help="cpu, cuda (rank r on GPU r) or cuda:N (default: cuda when available)"
     )
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: float32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (dynamic shapes)")
+    engine.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: float32")
+    engine.add_argument("--compile", action="store_true", help="torch.compile the transformer (dynamic shapes)")
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -42,8 +90,31 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     )
 
 
+# -- generate ----------------------------------------------------------------------------------
 def _generate(args: argparse.Namespace) -> int:
-    from engine import Omni, SamplingParams
+    from engine.cli_checks import check_before_start, output_paths
+
+    config = engine_config(args)
+    params, prompt = _request(args)
+    paths = output_paths(args.output, args.num_images)
+    check_before_start(config, prompt, params)  # a bad request fails before any worker starts
+
+    from engine import Omni
+
+    with Omni(config) as omni:
+        (output,) = omni.generate([prompt], params, use_tqdm=sys.stderr.isatty())
+    if output.error is not None:
+        print(f"error: {output.error}", file=sys.stderr)
+        return EXIT_FAILED
+    for path, image in zip(paths, output.images):
+        image.save(path)
+    seeds = f"seed {output.seed}" if len(paths) == 1 else f"seeds {output.seed}..{output.seed + len(paths) - 1}"
+    print(f"wrote {', '.join(paths)} ({output.num_steps} steps, {seeds}, {output.metrics.latency_s:.2f} s)")
+    return EXIT_OK
+
+
+def _request(args: argparse.Namespace) -> tuple[Any, dict]:
+    from engine.contract.sampling_params import SamplingParams
 
     params = SamplingParams(
         num_inference_steps=args.steps,
@@ -53,27 +124,57 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         seed=args.seed,
         scheduler=args.scheduler,
+        num_images_per_prompt=args.num_images,
     )
     prompt: dict = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.class_label is not None:
         prompt = {"class_label": args.class_label}
-    with Omni(engine_config(args)) as omni:
-        (output,) = omni.generate([prompt], params, use_tqdm=False)
-    if output.error is not None:
-        print(f"error: {output.error}", file=sys.stderr)
-        return 1
-    output.images[0].save(args.output)
-    metrics = output.metrics
-    print(f"wrote {args.output} ({output.num_steps} steps, seed {output.seed}, {metrics.latency_s:.2f} s)")
-    return 0
+    return params, prompt
 
 
+def _add_generate_parser(commands) -> None:
+    gen = commands.add_parser(
+        "generate",
+        help="generate images for one prompt",
+        description="Generate images for one prompt and write them as PNG files with their settings.",
+        formatter_class=_HelpFormatter,
+        epilog=EXIT_CODES,
+    )
+    gen.add_argument("--prompt", default="a lighthouse on a cliff at sunset", help="what to draw")
+    gen.add_argument("--negative-prompt", default=None, help="what to steer away from; Qwen-Image's true CFG needs one")
+    gen.add_argument("--class-label", type=int, default=None, help="ImageNet class label, for DiT models (no prompt)")
+    gen.add_argument("--steps", type=int, default=20, help="denoising steps (SamplingParams.num_inference_steps)")
+    gen.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="guidance scale; sets both true_cfg_scale (Qwen-Image, with --negative-prompt) and guidance_scale "
+        "(DiT, SD3, FLUX's distilled guidance), whichever the model uses (default: the model's own, "
+        "4.0 for Qwen-Image and DiT)",
+    )
+    gen.add_argument("--seed", type=int, default=0, help="the noise seed; image i of --num-images uses seed + i")
+    gen.add_argument("--num-images", type=int, default=1, help="images for the prompt (num_images_per_prompt)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    gen.add_argument("--scheduler", default=None, help="a diffusers scheduler class name (default: the model's)")
+    gen.add_argument(
+        "--output",
+        default="out.png",
+        help="the image file; with --num-images N, NAME-0.png .. NAME-(N-1).png",
+    )
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+
+# -- serve and status --------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
     from engine.async_engine import AsyncEngine
     from engine.service.address import check_bind_address, claim_ipc_path, default_address, load_server_keys
     from engine.service.server import EngineServer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
     log = logging.getLogger("stepweave.server")
     address = args.address or default_address()
     check_bind_address(address, args.auth_token)  # before loading anything
@@ -107,49 +208,33 @@ def _serve(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
-def _export_preset(args: argparse.Namespace) -> int:
-    from pipelines.presets import export_preset
+def _status(args: argparse.Namespace) -> int:
+    from engine.service.client import EngineClient
 
-    path = export_preset(args.name, args.directory)
-    print(f"wrote preset {args.name} to {path}")
-    return 0
-
-
-def _keygen(args: argparse.Namespace) -> int:
-    from engine.service.address import load_public_key, write_server_keys
-
-    public, secret = write_server_keys(args.directory)
-    print(f"wrote {secret} (the server's: stepweave serve --curve-secret-key {secret})")
-    print(f"wrote {public} (the clients': EngineClient(address, token, server_key=...))")
-    print(f"server public key: {load_public_key(public).decode()}")
-    return 0
-
-
-def _add_generate_parser(commands) -> None:
-    gen = commands.add_parser("generate", help="generate one image")
-    gen.add_argument("--prompt", default="a lighthouse on a cliff at sunset")
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--class-label", type=int, default=None, help="class label (DiT models)")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=None,
-        help="sets true_cfg_scale and guidance_scale (default: the model's own, 4.0 for Qwen-Image and DiT)",
-    )
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--scheduler", default=None, help="diffusers scheduler class name")
-    gen.add_argument("--output", default="out.png")
-    add_engine_args(gen)
-    gen.set_defaults(func=_generate)
+    with EngineClient(args.address, args.auth_token, server_key=args.server_key, timeout_s=args.timeout) as client:
+        state = client.debug_state()  # ServerUnavailableError (exit 1) when nobody answers
+        serving = client.health()
+    taking = "serving" if serving else "not taking new requests (draining)"
+    print(f"{client.address}: {taking}, {state.sessions} client session(s)")
+    print(f"requests on the server (queued or running): {len(state.server_request_ids)}")
+    for request_id in state.server_request_ids:
+        print(f"  {request_id}")
+    print(f"requests holding worker state (running): {len(state.worker_request_ids)}")
+    for request_id in state.worker_request_ids:
+        print(f"  {request_id}")
+    return EXIT_OK
 
 
-def _add_serve_parser(commands) -> None:
+def _add_serve_parsers(commands) -> None:
     from engine.service.address import default_address
 
-    serve = commands.add_parser("serve", help="serve the engine to EngineClients over ZeroMQ")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the engine to EngineClients over ZeroMQ",
+        description="Run one engine as a service for EngineClient / AsyncEngineClient.",
+        formatter_class=_HelpFormatter,
+        epilog=EXIT_CODES,
+    )
     add_engine_args(serve)
     serve.add_argument("--address", default=None, help=f"ipc://PATH or tcp://HOST:PORT (default {default_address()})")
     serve.add_argument(
@@ -197,24 +282,84 @@ def _add_serve_parser(commands) -> None:
         default=30.0,
         help="seconds SIGTERM waits for running requests before aborting them",
     )
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="info: start, ready and stop, and one line per finished request; warning: problems only",
+    )
     serve.set_defaults(func=_serve)
+
+    status = commands.add_parser(
+        "status",
+        help="show a server's queue, running requests and sessions",
+        formatter_class=_HelpFormatter,
+        epilog=EXIT_CODES,
+    )
+    status.add_argument("--address", default=None, help=f"the server's address (default {default_address()})")
+    status.add_argument("--auth-token", default=os.environ.get("STEPWEAVE_AUTH_TOKEN"), help="the server's token")
+    status.add_argument("--server-key", default=None, help="the server's CURVE public key file, if it uses one")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
+    status.set_defaults(func=_status)
+
+
+# -- export-preset, keygen ---------------------------------------------------------------------
+def _export_preset(args: argparse.Namespace) -> int:
+    from pipelines.presets import PRESETS, export_preset
+
+    if args.name not in PRESETS:
+        raise UsageError(f"export-preset: unknown preset {args.name!r}; presets: {', '.join(PRESETS)}")
+    try:
+        path = export_preset(args.name, args.directory)
+    except OSError as exc:
+        raise UsageError(f"export-preset: cannot write {args.directory}: {exc.strerror or exc}") from None
+    print(f"wrote preset {args.name} to {path}")
+    return EXIT_OK
+
+
+def _preset_list() -> str:
+    from pipelines.presets import PRESETS
+
+    width = max(len(name) for name in PRESETS)
+    lines = [f"  {name:<{width}}  {spec.description}" for name, spec in PRESETS.items()]
+    return "presets:\n" + "\n".join(lines) + "\n\n" + EXIT_CODES
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from engine.service.address import load_public_key, write_server_keys
+
+    try:
+        public, secret = write_server_keys(args.directory)
+    except OSError as exc:
+        raise UsageError(f"keygen: cannot write {args.directory}: {exc.strerror or exc}") from None
+    print(f"wrote {secret} (the server's: stepweave serve --curve-secret-key {secret})")
+    print(f"wrote {public} (the clients': EngineClient(address, token, server_key=...))")
+    print(f"server public key: {load_public_key(public).decode()}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.bench_cli import add_bench_parser
 
-    parser = argparse.ArgumentParser(prog="stepweave", description="Continuous-batching diffusion serving")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = CommandParser(prog="stepweave", description="Continuous-batching diffusion serving", epilog=EXIT_CODES)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate_parser(commands)
-    _add_serve_parser(commands)
+    _add_serve_parsers(commands)
 
-    export = commands.add_parser("export-preset", help="write a preset as a diffusers directory")
-    export.add_argument("name")
-    export.add_argument("directory")
+    export = commands.add_parser(
+        "export-preset",
+        help="write a preset as a diffusers directory",
+        description="Build a preset (seeded weights, no download) and write it as a diffusers directory.",
+        epilog_factory=_preset_list,
+    )
+    export.add_argument("name", help="the preset (listed below)")
+    export.add_argument("directory", help="where to write it (created)")
     export.set_defaults(func=_export_preset)
 
-    keygen = commands.add_parser("keygen", help="write a CURVE key pair for `stepweave serve --curve-secret-key`")
-    keygen.add_argument("directory")
+    keygen = commands.add_parser(
+        "keygen", help="write a CURVE key pair for `stepweave serve --curve-secret-key`", epilog=EXIT_CODES
+    )
+    keygen.add_argument("directory", help="where to write server.key and server.key_secret")
     keygen.set_defaults(func=_keygen)
 
     add_bench_parser(commands)
@@ -225,9 +370,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        # The front doors stop their workers on the way out (the with-blocks above).
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("STEPWEAVE_DEBUG"):
+            raise
+        code = EXIT_USAGE if isinstance(exc, (ValueError, TypeError)) else EXIT_FAILED
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return code
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an exception, on one line; the type's name only where the message alone
+    would not say what happened (not for ValueError, whose messages name the field)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (ValueError, TypeError)):
+        return message
+    from engine.contract.errors import EngineDeadError
+
+    return message if isinstance(exc, EngineDeadError) else f"{type(exc).__name__}: {message}"
 
 
 if __name__ == "__main__":

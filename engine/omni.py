@@ -2,7 +2,8 @@
 
 Like vLLM's `LLM.generate`, one call submits every prompt at once and lets continuous batching
 interleave them; a bad prompt or parameter set becomes an output with `error` set while the
-others run.
+others run. A prompt with `num_images_per_prompt=N` runs as N requests (seeds seed..seed+N-1)
+and comes back as one output with N images.
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ from typing import Sequence
 
 from engine.contract.config import EngineConfig
 from engine.contract.outputs import RequestOutput, failed_output
-from engine.contract.request_fields import pair_prompts
+from engine.contract.request_fields import normalize_prompt, pair_prompts
 from engine.contract.sampling_params import SamplingParams
 from engine.core.engine_core import EngineCore
-from engine.progress import progress_bar
+from engine.generation_info import attach_generation_info
+from engine.image_fan_out import join_outputs, split_images
+from engine.progress import GenerateProgress
 
 
 class Omni:
     def __init__(self, model: str | EngineConfig = "tiny-qwen-image", **options):
         """`model` is a preset name, a diffusers directory or an EngineConfig; `options` are
         EngineConfig fields (max_num_seqs, parallel_config, executor, device, ...)."""
-        self.core = EngineCore(EngineConfig.of(model, **options))
+        config = EngineConfig.of(model, **options)
+        self.model = config.model  # as the caller named it (the core holds the resolved directory)
+        self.core = EngineCore(config)
 
     def generate(
         self,
@@ -30,34 +35,54 @@ class Omni:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """Outputs in input order. The progress bar counts steps for one prompt and finished
+        prompts for several."""
         prompts, params_list = pair_prompts(prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(prompts)
-        index_of: dict[str, int] = {}
-        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-            try:
-                request = self.core.make_request(prompt, params)
-            except ValueError as exc:
-                results[i] = failed_output(f"omni-rejected-{i}", f"ValueError: {exc}")
-                continue
-            index_of[request.request_id] = i
-            self.core.add_request(request)
-
-        bar = progress_bar(len(index_of), use_tqdm)
+        parts: dict[int, list[RequestOutput | None]] = {}  # prompt index -> its images' final outputs
+        where: dict[str, tuple[int, int]] = {}  # request id -> (prompt index, image index)
+        submitted: list[tuple[int, SamplingParams]] = []
         try:
-            while index_of:
-                for output in self.core.step():
-                    if output.finished and output.request_id in index_of:
-                        results[index_of.pop(output.request_id)] = output
-                        if bar is not None:
-                            bar.update(1)
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                try:
+                    checked = _checked(params)
+                    requests = [self.core.make_request(prompt, p) for p in split_images(checked)]
+                except ValueError as exc:
+                    results[i] = failed_output(f"omni-rejected-{i}", f"ValueError: {exc}")
+                    continue
+                parts[i] = [None] * len(requests)
+                for k, request in enumerate(requests):
+                    where[request.request_id] = (i, k)
+                    self.core.add_request(request)
+                submitted.append((i, checked))
+            steps = sum(p.num_inference_steps * p.num_images_per_prompt for _, p in submitted)
+            bar = GenerateProgress(len(submitted), steps, use_tqdm)
+            self._run(where, parts, bar)
         except BaseException:
-            for request_id in list(index_of):
+            for request_id in list(where):
                 self.core.abort(request_id)
             raise
-        finally:
-            if bar is not None:
-                bar.close()
+        for i, outputs in parts.items():
+            params = params_list[i] if params_list[i] is not None else SamplingParams()
+            output = join_outputs(outputs[0].request_id, outputs, params.output_type)  # type: ignore[arg-type]
+            attach_generation_info(output, normalize_prompt(prompts[i]), params, self.model)
+            results[i] = output
         return results  # type: ignore[return-value]
+
+    def _run(self, where: dict, parts: dict, bar: GenerateProgress) -> None:
+        try:
+            while where:
+                for output in self.core.step():
+                    if output.request_id not in where:
+                        continue
+                    bar.step(output.request_id, output.step)
+                    if output.finished:
+                        i, k = where.pop(output.request_id)
+                        parts[i][k] = output
+                        if all(part is not None for part in parts[i]):
+                            bar.prompt_done()
+        finally:
+            bar.close()
 
     def shutdown(self) -> None:
         self.core.shutdown()
@@ -67,3 +92,11 @@ class Omni:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _checked(params: SamplingParams | None) -> SamplingParams:
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    params.validate()
+    return params

@@ -8,6 +8,8 @@ comes from the registry; the checks that differ between families are the family'
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,7 @@ if TYPE_CHECKING:  # the engine imports this module; no import back at run time
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A preset name or a diffusers-format directory -> that directory."""
+    """A preset name, a diffusers-format directory or a Hugging Face repo id -> a directory."""
     path = Path(model)
     if (path / "model_index.json").is_file():
         return path
@@ -27,10 +29,37 @@ def resolve_model(model: str | Path) -> Path:
 
     if isinstance(model, str) and model in PRESETS:
         return preset_dir(model)
+    if isinstance(model, str) and REPO_ID.fullmatch(model) and not path.exists():
+        return hub_snapshot(model)
     raise ValueError(
-        f"model must be a preset name ({', '.join(PRESETS)}) or a diffusers directory with a "
-        f"model_index.json; got {str(model)!r}"
+        f"model must be a preset name ({', '.join(PRESETS)}), a diffusers directory with a "
+        f"model_index.json or a Hugging Face repo id (org/name); got {str(model)!r}"
     )
+
+
+# "org/name", as the Hub spells repo ids; a relative path that exists is a directory instead.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The repo's files from the Hugging Face cache, downloaded first where a network is
+    reachable (HF_HUB_OFFLINE=1: the cache only). Only what a diffusers pipeline loads."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # diffusers depends on it; a trimmed install may not
+        raise ValueError(f"model {repo_id!r} looks like a Hugging Face repo id, but huggingface_hub is missing")
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"model {repo_id!r}: not a preset or directory, and not in the Hugging Face cache: {reason}")
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"model {repo_id!r}: the Hugging Face repo has no model_index.json (not a diffusers pipeline)")
+    return folder
+
+
+# What diffusers reads from a pipeline repo: configs, tokenizers, safetensors weights.
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "*.jinja"]  # fnmatch: * spans folders
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -98,3 +127,26 @@ class ModelInfo:
             )
         family.check_request(self, params, fields)
         family.check_scheduler_choice(self, params)
+        if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and fields.get("negative_prompt") is None:
+            if self.takes_true_cfg:
+                warn_once(
+                    "true_cfg_scale > 1 has no effect without a negative prompt: "
+                    f"{self.pipeline_class} runs true CFG only with one (as diffusers does)"
+                )
+
+    @property
+    def takes_true_cfg(self) -> bool:
+        """The pipeline has true CFG (a negative-prompt branch scaled by true_cfg_scale)."""
+        import inspect
+
+        return "true_cfg_scale" in inspect.signature(self.pipeline_type.__call__).parameters
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning about a request that still runs, once per process (not once per request)."""
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("stepweave").warning(message)

@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import json
+import warnings
 from typing import Any
 
 import diffusers
@@ -72,10 +73,12 @@ def _checked_schedule(
     import torch
 
     scheduler = copy.deepcopy(_checked_template(base_json, name, overrides_json, flow))
-    if flow:
-        set_flow_timesteps(scheduler, steps, image_seq_len=image_seq_len)
-    else:
-        scheduler.set_timesteps(steps)
+    with warnings.catch_warnings():  # a broken schedule is reported below, as one ValueError
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if flow:
+            set_flow_timesteps(scheduler, steps, image_seq_len=image_seq_len)
+        else:
+            scheduler.set_timesteps(steps)
     sigmas = getattr(scheduler, "sigmas", None)
     if not torch.isfinite(torch.as_tensor(scheduler.timesteps, dtype=torch.float64)).all() or (
         sigmas is not None and not torch.isfinite(torch.as_tensor(sigmas, dtype=torch.float64)).all()

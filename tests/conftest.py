@@ -23,14 +23,14 @@ def _preset_cache(tmp_path_factory):
 def qwen_dir(_preset_cache, tmp_path_factory):
     from pipelines.presets import export_preset
 
-    return export_preset("tiny-qwen-image", tmp_path_factory.mktemp("tiny-qwen-image"))
+    return export_preset("tiny-qwen-image", tmp_path_factory.mktemp("tiny-qwen-image"), preset_size=True)
 
 
 @pytest.fixture(scope="session")
 def dit_dir(_preset_cache, tmp_path_factory):
     from pipelines.presets import export_preset
 
-    return export_preset("tiny-dit", tmp_path_factory.mktemp("tiny-dit"))
+    return export_preset("tiny-dit", tmp_path_factory.mktemp("tiny-dit"), preset_size=True)
 
 
 def diffusers_reference(pipe, prompt, params, size=None):

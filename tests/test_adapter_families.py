@@ -77,7 +77,7 @@ def family(request, _preset_cache, tmp_path_factory):
     from pipelines.presets import export_preset
 
     name = request.param
-    path = export_preset(name, tmp_path_factory.mktemp(name) / name)
+    path = export_preset(name, tmp_path_factory.mktemp(name) / name, preset_size=True)
     with Omni(model=str(path), max_num_seqs=8, executor="inproc") as omni:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(path))
         pipe.set_progress_bar_config(disable=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -20,7 +21,7 @@ SYSTEM_KEYS = {
 }
 
 
-def test_throughput_benchmark_via_cli(tmp_path, _preset_cache):
+def test_throughput_benchmark_via_cli(tmp_path, _preset_cache, capsys):
     from engine.cli import main
 
     out, png = tmp_path / "t.json", tmp_path / "t.png"
@@ -54,6 +55,19 @@ def test_throughput_benchmark_via_cli(tmp_path, _preset_cache):
         assert SYSTEM_KEYS <= set(system) and system["throughput_rps"] > 0
     assert report["batch_compute_limit"] > 0 and set(report["efficiency"]) == set(report["systems"])
     assert png.stat().st_size > 0
+    progress = capsys.readouterr().err
+    for line in ("serving with diffusers-sequential", "serving with stepweave-2", f"wrote {out}", f"wrote {png}"):
+        assert f"[bench] {line}" in progress
+
+
+def test_throughput_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from benchmarks.throughput import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    report = {"systems": {}, "config": {"model": "m", "rate": 1.0, "sequential_service_s": 1.0, "num_requests": 4}}
+    assert plot(report, str(tmp_path / "p.png")) is False
+    assert "plot skipped: matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_overhead_benchmark(tmp_path, _preset_cache):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipelines.model_info import ModelInfo
 from pipelines.presets import PRESETS, export_preset, preset_dir
 
 TEMPLATE = (
@@ -60,12 +61,29 @@ def test_stepweave_json_matches_spec(qwen_export, dit_export):
     for name, path in (("tiny-qwen-image", qwen_export), ("tiny-dit", dit_export)):
         spec = PRESETS[name]
         meta = json.loads((path / "stepweave.json").read_text())
-        assert meta == {
-            "preset": name,
-            "family": spec.family,
-            "default_height": spec.default_height,
-            "default_width": spec.default_width,
-        }
+        assert meta == {"preset": name, "family": spec.family}
+
+
+def test_preset_cache_records_the_preset_size(_preset_cache):
+    for name in ("tiny-qwen-image", "tiny-dit"):
+        info = ModelInfo.load(name)
+        assert (info.default_height, info.default_width) == (PRESETS[name].default_height, PRESETS[name].default_width)
+
+
+def _diffusers_default_size(pipe) -> tuple[int, int]:
+    """The size a diffusers pipeline generates when the call gives none, as its __call__ computes it."""
+    if hasattr(pipe, "default_sample_size"):  # Qwen-Image: a fixed 128 latents
+        side = pipe.default_sample_size * pipe.vae_scale_factor
+    else:  # DiT has no size argument: the transformer's sample size, through the VAE's downsampling
+        side = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return side, side
+
+
+def test_exported_preset_defaults_to_the_diffusers_size(qwen_export, dit_export):
+    """Same directory, same seed, no sizes given: stepweave must pick the size diffusers picks."""
+    for path in (qwen_export, dit_export):
+        info = ModelInfo.load(path)
+        assert (info.default_height, info.default_width) == _diffusers_default_size(_load(path))
 
 
 def test_tiny_qwen_image_runs_in_diffusers(qwen_export):
@@ -226,12 +244,7 @@ def test_generic_preset_runs_in_diffusers(generic_export):
     class_name, plain, cfg = GENERIC[name]
     spec = PRESETS[name]
     assert spec.family == "diffusers" and (spec.default_height, spec.default_width) == (64, 64)
-    assert json.loads((path / "stepweave.json").read_text()) == {
-        "preset": name,
-        "family": "diffusers",
-        "default_height": 64,
-        "default_width": 64,
-    }
+    assert json.loads((path / "stepweave.json").read_text()) == {"preset": name, "family": "diffusers"}
     pipe = _load(path)
     assert type(pipe) is getattr(diffusers, class_name)
     assert pipe.vae_scale_factor == 8 and pipe.transformer.dtype == torch.float32

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 MAX_STEPS = 1000
+MAX_IMAGES_PER_PROMPT = 16
 MAX_CFG_SCALE = 100.0
 MAX_SIDE = 4096
 MAX_SEED = 2**63 - 1
@@ -50,6 +51,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     # Overrides applied on top of the model's scheduler config.
     scheduler_config: dict[str, Any] | None = None
     output_type: str = "pil"
+    # Images for this prompt, diffusers' name. Image i is seeded with seed + i, so each one can
+    # be reproduced alone (num_images_per_prompt=1, seed=seed + i); they may share step batches.
+    num_images_per_prompt: int = 1
     # Further __call__ arguments of a pipeline served through the diffusers adapter, by their
     # diffusers names (e.g. {"max_sequence_length": 256}); checked against the pipeline class.
     pipeline_args: dict[str, PipelineArg] | None = None
@@ -66,8 +70,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             value = getattr(self, side)
             if value is not None:
                 _int_in(side, value, 16, MAX_SIDE)
+        _int_in("num_images_per_prompt", self.num_images_per_prompt, 1, MAX_IMAGES_PER_PROMPT)
         if self.seed is not None:
-            _int_in("seed", self.seed, 0, MAX_SEED)
+            try:
+                _int_in("seed", self.seed, 0, MAX_SEED - (self.num_images_per_prompt - 1))
+            except ValueError as exc:
+                if self.num_images_per_prompt == 1:
+                    raise
+                raise ValueError(f"{exc} (image i of num_images_per_prompt uses seed + i)") from None
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()):
             raise ValueError(
                 f"SamplingParams.scheduler must be a diffusers scheduler class name, got {self.scheduler!r}"

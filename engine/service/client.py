@@ -23,6 +23,7 @@ from engine.contract.errors import ServerUnavailableError
 from engine.contract.outputs import RequestOutput, failed_output
 from engine.contract.request_fields import pair_prompts, request_fields
 from engine.contract.sampling_params import SamplingParams
+from engine.generation_info import attach_generation_info
 from engine.progress import progress_bar
 from engine.service.address import default_address, load_public_key
 from engine.service.connection import ClientStream, ServerConnection
@@ -64,12 +65,14 @@ class AsyncEngineClient:
     ) -> AsyncIterator[RequestOutput]:
         """Yield progress outputs (step k of n), then the final output with images. ValueError
         for a bad request; ServerUnavailableError when the server cannot be reached."""
-        conn, wire_id, stream = await self._submit(prompt, sampling_params, request_id, stream=True)
+        conn, wire_id, stream, settings = await self._submit(prompt, sampling_params, request_id, stream=True)
         finished = False
         try:
             while not finished:
                 output = await stream.get()
                 finished = output.finished
+                if finished:
+                    _attach_info(output, conn, settings)
                 yield output
         finally:
             self._end(stream.request_id, conn, wire_id, finished)
@@ -124,22 +127,24 @@ class AsyncEngineClient:
         await conn.ready()
         return conn
 
-    async def _submit(self, prompt, params, request_id, stream: bool) -> tuple[ServerConnection, str, ClientStream]:
+    async def _submit(
+        self, prompt, params, request_id, stream: bool
+    ) -> tuple[ServerConnection, str, ClientStream, tuple]:
         conn = await self._connection()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self._active:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         wire_id = str(next(self._wire_ids))
-        params, frames = self._encode(conn, prompt, params, wire_id, stream)
+        params, fields, frames = self._encode(conn, prompt, params, wire_id, stream)
         request_stream = ClientStream(request_id, params.output_type)
         conn.streams[wire_id] = request_stream
         self._active[request_id] = (conn, wire_id)
         conn.send(frames)
-        return conn, wire_id, request_stream
+        return conn, wire_id, request_stream, (fields, params)
 
     def _encode(
         self, conn: ServerConnection, prompt, params, wire_id: str, stream: bool
-    ) -> tuple[SamplingParams, list]:
+    ) -> tuple[SamplingParams, dict, list]:
         """Validate here what needs no model (same messages as Omni), and check the message is
         one the server's typed decoder accepts, so a bad request fails alone."""
         params, fields = request_fields(prompt, params)
@@ -154,7 +159,7 @@ class AsyncEngineClient:
         limit = conn.welcome.result().max_message_bytes
         if len(frames[0]) > limit:
             raise ValueError(f"request is {len(frames[0])} bytes; the server accepts at most {limit}")
-        return params, frames
+        return params, fields, frames
 
     def _end(self, request_id: str, conn: ServerConnection, wire_id: str, finished: bool) -> None:
         if self._active.get(request_id) == (conn, wire_id):
@@ -166,7 +171,7 @@ class AsyncEngineClient:
         """One request's final output, Omni-style: a bad request becomes an output with error;
         losing the server raises."""
         try:
-            conn, wire_id, stream = await self._submit(prompt, params, request_id, stream=False)
+            conn, wire_id, stream, settings = await self._submit(prompt, params, request_id, stream=False)
         except ValueError as exc:
             return failed_output(request_id, f"ValueError: {exc}")
         finished = False
@@ -179,6 +184,7 @@ class AsyncEngineClient:
             self._end(request_id, conn, wire_id, finished)
         if stream.lost is not None:
             raise stream.lost
+        _attach_info(output, conn, settings)
         return output
 
     async def _generate_all(
@@ -196,6 +202,12 @@ class AsyncEngineClient:
         finally:
             for task in tasks:  # on error or cancellation: abort what still runs
                 task.cancel()
+
+
+def _attach_info(output: RequestOutput, conn: ServerConnection, settings: tuple) -> None:
+    """The request's settings in its PIL images, with the model the server named in its welcome."""
+    fields, params = settings
+    attach_generation_info(output, fields, params, conn.welcome.result().model)
 
 
 class EngineClient:

@@ -386,6 +386,7 @@ class EngineServer:
             "negative_prompt": message.negative_prompt,
             "class_label": message.class_label,
         }
+        started, outcome, steps = time.monotonic(), "aborted", 0
         try:
             if message.params.output_type not in OUTPUT_TYPES:  # checked here: replaced just below
                 raise ValueError(
@@ -394,21 +395,38 @@ class EngineServer:
             params = msgspec.structs.replace(message.params, output_type="np")
             stream = self.engine.generate(prompt, params, request_id=f"{session.sid}:{request_id}", client=session.sid)
             async for output in stream:
+                steps = output.step
+                if output.finished:
+                    outcome = "ok" if output.error is None else f"failed: {output.error}"
+                    outcome = "aborted" if output.error == "request aborted" else outcome
                 if output.finished or message.stream:
                     self._post(identity, to_wire(output, request_id))
         except ValueError as exc:
+            outcome = f"rejected: {exc}"
             self._post(identity, Rejected(request_id=request_id, kind="invalid", error=str(exc)))
         except EngineDeadError as exc:
+            outcome = f"rejected: {exc}"
             self._post(identity, Rejected(request_id=request_id, kind="dead", error=str(exc)))
         except RuntimeError as exc:  # the engine is shut down
+            outcome = f"rejected: {exc}"
             self._post(identity, Rejected(request_id=request_id, kind="shutting_down", error=str(exc)))
         except Exception as exc:  # a bug here must still end the client's request, not hang it
             log.exception("request %s of session %s failed", request_id, session.sid)
             error = f"internal server error: {type(exc).__name__}: {exc}"
+            outcome = f"failed: {error}"
             self._post(identity, Output(request_id=request_id, step=0, num_steps=0, finished=True, error=error))
         finally:
             if session.requests.get(request_id) is asyncio.current_task():
                 del session.requests[request_id]
+            log.info(
+                "request %s client %s: %d/%d steps, %.2f s, %s",
+                request_id,
+                session.sid,
+                steps,
+                message.params.num_inference_steps,
+                time.monotonic() - started,
+                outcome,
+            )
 
     async def _state(self, session: Session, seq: int) -> None:
         try:

@@ -12,6 +12,7 @@ in `components`, the seeding helpers in `common`, and the tokenizers in `tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -103,20 +104,38 @@ def _spec(name: str) -> PresetSpec:
     return PRESETS[name]
 
 
-def export_preset(name: str, directory: str | os.PathLike) -> Path:
-    """Build preset `name` and write it as a diffusers directory (same bytes every time)."""
+def export_preset(name: str, directory: str | os.PathLike, preset_size: bool = False) -> Path:
+    """Build preset `name` and write it as a diffusers directory (same bytes every time).
+
+    An exported directory defaults to the image size diffusers gives it, so that "same
+    directory, same seed" matches diffusers without explicit sizes (Qwen-Image and FLUX fix
+    theirs at 128 latents, 1024x1024, whatever the config says). Only the preset's own cache
+    (`preset_size=True`, what `model="tiny-qwen-image"` loads) records its small test size."""
     spec = _spec(name)
     directory = Path(directory)
     pipe = spec.builder()
-    pipe.save_pretrained(str(directory), safe_serialization=True)
-    meta = {
-        "preset": name,
-        "family": spec.family,
-        "default_height": spec.default_height,
-        "default_width": spec.default_width,
-    }
+    with _quiet_saving():
+        pipe.save_pretrained(str(directory), safe_serialization=True)
+    meta: dict = {"preset": name, "family": spec.family}
+    if preset_size:
+        meta.update(default_height=spec.default_height, default_width=spec.default_width)
     (directory / "stepweave.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
+
+
+@contextlib.contextmanager
+def _quiet_saving():
+    """transformers shows a "Writing model shards" bar per text encoder: noise in the middle of
+    a user's first `stepweave generate`, which builds the preset it asks for."""
+    import transformers
+
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def cache_root() -> Path:
@@ -138,7 +157,7 @@ def preset_dir(name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
-        export_preset(name, scratch)
+        export_preset(name, scratch, preset_size=True)
         os.chmod(scratch, 0o755)  # mkdtemp makes it private; the cache is shared
         try:
             os.rename(scratch, target)

@@ -1,0 +1,47 @@
+"""What `stepweave generate` checks before it starts anything: the output path and the request.
+
+Both fail in well under a second with a line naming the flag or field, instead of after the
+workers have loaded the model (a bad request) or after the image was generated (a bad path).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.contract.config import EngineConfig
+
+
+def output_paths(output: str, count: int) -> list[str]:
+    """The file(s) --output names: itself for one image, NAME-i.EXT for several. Raises
+    ValueError unless the extension is an image format PIL writes and the folder is writable."""
+    from PIL import Image
+
+    path = Path(output)
+    suffix = path.suffix.lower()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if suffix not in writable:
+        shown = repr(path.suffix) if path.suffix else "none"
+        raise ValueError(f"--output {output!r}: the file extension ({shown}) must be an image format, e.g. .png")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"--output {output!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output!r}: folder {str(folder)!r} is not writable")
+    if count == 1:
+        return [output]
+    return [str(path.with_name(f"{path.stem}-{i}{path.suffix}")) for i in range(count)]
+
+
+def check_before_start(config: EngineConfig, prompt: Any, params: Any) -> None:
+    """Every check the engine makes at submission, from the model's configs alone (no weights,
+    no workers), plus the device check; ValueError names the field."""
+    from engine.contract.request_fields import request_fields
+    from pipelines.model_info import ModelInfo
+    from runner.devices import check_devices
+
+    info = ModelInfo.load(config.model, adapter=config.diffusers_adapter)
+    params, fields = request_fields(prompt, params)
+    info.validate(params, fields)
+    check_devices(config)
