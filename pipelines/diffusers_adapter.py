@@ -31,6 +31,7 @@ from engine.contract.sampling_params import MAX_SIDE
 from pipelines.forward_batching import TEXT_PADDING, ForwardCall, group_calls, run_group
 from pipelines.schedulers import build_scheduler, check_scheduler
 from pipelines.step_pipeline import StepPipeline, check_text
+from pipelines.tokenizer_lock import SerializedTokenizer, is_tokenizer
 
 # Components that are replaced by proxies: the denoisers (Wan 2.2 has two), whose forwards are
 # joined; and the VAE, whose decode calls of requests that finish in the same step are joined.
@@ -194,6 +195,10 @@ class DiffusersAdapterPipeline(StepPipeline):
         # is the mean join width, for tests and benchmarks).
         self.forward_calls = 0
         self.forwards_run = 0
+        # One lock per loaded tokenizer, shared by every request's pipeline copy.
+        self._tokenizer_locks = {
+            name: threading.Lock() for name, value in vars(self.pipe).items() if is_tokenizer(value)
+        }
 
     def parameter_count(self) -> int:
         modules = [getattr(self.pipe, name, None) for name in PROXIED]
@@ -218,6 +223,8 @@ class DiffusersAdapterPipeline(StepPipeline):
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 pipe.__dict__[name] = _ForwardProxy(self, state, module, methods)
+        for name, lock in self._tokenizer_locks.items():  # request threads encode concurrently
+            pipe.__dict__[name] = SerializedTokenizer(getattr(self.pipe, name), lock)
         return state
 
     def _call_kwargs(self, request: NewRequest) -> dict[str, Any]:

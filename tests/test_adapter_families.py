@@ -137,3 +137,42 @@ def test_server_and_client_serve_an_adapter_family(family):
         server.stop()
     check_output(omni, pipe, output, prompt, params)
     assert "FluxPipeline takes no argument 'no_such'" in bad.error
+
+
+def test_request_threads_encoding_at_once_get_their_own_tokenizer_settings(family):
+    """Request threads share the loaded tokenizers, and diffusers calls one tokenizer with
+    padding="max_length" and again with padding="longest"; unserialized, concurrent calls swapped
+    those settings (a 77-token prompt came back 29 long: a shape error or a wrong image)."""
+    import threading
+
+    from engine.contract.messages import NewRequest
+    from pipelines.tokenizer_lock import SerializedTokenizer
+
+    name, omni, _ = family
+    adapter = omni.core.executor.runner.pipeline
+    copies = [
+        adapter.prepare_encode(NewRequest(request_id=f"tok-{i}", params=SamplingParams(), prompt="x", seed=i)).pipe
+        for i in range(8)
+    ]
+    names = [n for n, value in vars(copies[0]).items() if isinstance(value, SerializedTokenizer)]
+    assert names, f"{name}: no tokenizer of the request's pipeline copy is serialized"
+    text, wrong = "a photo of a cat " * 3, []
+
+    def encode(i: int) -> None:
+        tokenizer = getattr(copies[i], names[0])
+        for j in range(150):
+            if (i + j) % 2:
+                ids = tokenizer(text, padding="max_length", max_length=64, truncation=True).input_ids
+                if len(ids) != 64:
+                    wrong.append(("max_length", len(ids)))
+            else:
+                ids = tokenizer(text, padding="longest").input_ids
+                if len(ids) == 64:
+                    wrong.append(("longest", len(ids)))
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
