@@ -44,8 +44,12 @@ DIFFUSERS_FLOW_SOLVER_OPTIONS = {
 
 
 def diffusers_reference(pipe, prompt, params, size=None):
-    """What diffusers' own pipeline returns for one request (output_type="np")."""
+    """What diffusers' own pipeline returns for one request (output_type="np"); `prompt` is a
+    string or a dict as stepweave takes it."""
     import diffusers
+
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
 
     original = pipe.scheduler
     if params.scheduler or params.scheduler_config:
