@@ -72,7 +72,10 @@ def measure(model: str, short: int, long: int, repeats: int) -> dict:
             result[f"{name}_overhead_us"] = (per_step - result["direct_step_us"] / 1e6) * 1e6
             result[f"{name}_ratio"] = per_step / (result["direct_step_us"] / 1e6)
             if name.startswith("mp"):
-                result[f"{name}_worker_idle_per_step_us"] = stats.worker_idle_s / max(stats.batches, 1) * 1e6
+                # Only gaps between consecutive batches of a running request: the pause between
+                # one request's end and the next one's start is the benchmark's, not the engine's.
+                result[f"{name}_worker_idle_per_step_us"] = stats.worker_idle_s / max(stats.worker_idle_gaps, 1) * 1e6
+                result[f"{name}_worker_idle_gaps"] = stats.worker_idle_gaps
     return result
 
 

@@ -7,14 +7,18 @@ requests in the same run and report throughput and latency ratios.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 
-def serve(model: str, parallel_config, num_requests: int, steps: int, threads_per_worker: int = 1) -> dict:
-    """Submit `num_requests` CFG requests at once; throughput and latency of the batch."""
+def serve(
+    model: str, parallel_config, num_requests: int, steps: int, threads_per_worker: int = 1, single_repeats: int = 3
+) -> dict:
+    """Submit `num_requests` CFG requests at once; throughput and latency of the batch, and the
+    median latency of one request alone over `single_repeats` runs."""
     from engine import Omni, SamplingParams
     from pipelines.model_info import ModelInfo
 
@@ -37,9 +41,11 @@ def serve(model: str, parallel_config, num_requests: int, steps: int, threads_pe
         t0 = time.perf_counter()
         outputs = omni.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        omni.generate(prompts[:1], params[:1], use_tqdm=False)
-        single = time.perf_counter() - t1
+        singles = []
+        for _ in range(single_repeats):
+            t1 = time.perf_counter()
+            omni.generate(prompts[:1], params[:1], use_tqdm=False)
+            singles.append(time.perf_counter() - t1)
         stage_parameters = {
             rank: i["transformer_parameters"] for rank, i in sorted(omni.core.executor.worker_info.items())
         }
@@ -50,7 +56,8 @@ def serve(model: str, parallel_config, num_requests: int, steps: int, threads_pe
     return {
         "throughput_rps": num_requests / wall,
         "mean_latency_s": sum(latencies) / len(latencies),
-        "single_request_latency_s": single,
+        "single_request_latency_s": statistics.median(singles),
+        "single_request_samples_s": singles,
         "wall_s": wall,
         "worker_parameters": stage_parameters,
     }

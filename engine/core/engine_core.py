@@ -35,13 +35,18 @@ class EngineStats:
     batches: int = 0
     rows: int = 0  # request-steps executed
     execute_s: float = 0.0  # runner time, as the reporting worker measured it
-    worker_idle_s: float = 0.0  # reporting worker's wait between consecutive batches
+    # The reporting worker's wait between consecutive batches while requests were running on it,
+    # and how many such gaps there were (waiting for new requests is not counted).
+    worker_idle_s: float = 0.0
+    worker_idle_gaps: int = 0
 
     def record(self, results) -> None:
         self.batches += 1
         self.rows += len(results.outputs)
         self.execute_s += results.execute_s
-        self.worker_idle_s += results.idle_s
+        if results.idle_s is not None:
+            self.worker_idle_s += results.idle_s
+            self.worker_idle_gaps += 1
 
 
 def make_executor(config: EngineConfig, family: str) -> Executor:
