@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.forward_cost import concurrent_forward_seconds, forward_table  # noqa: E402
-from benchmarks.parallel_workload import serve, write_report  # noqa: E402
+from benchmarks.parallel_workload import compare, write_report  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -23,15 +23,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="medium-qwen-image")
     parser.add_argument("--num-requests", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="batches per layout, taken in turns (median)")
     parser.add_argument("--json", default="benchmarks/results/cfg_parallel.json")
     parser.add_argument("--plot", default="benchmarks/results/cfg_parallel.png")
     args = parser.parse_args(argv)
     from engine import ParallelConfig
 
-    systems = {
-        "cfg-1": serve(args.model, ParallelConfig(cfg_parallel_size=1), args.num_requests, args.steps),
-        "cfg-2": serve(args.model, ParallelConfig(cfg_parallel_size=2), args.num_requests, args.steps),
-    }
+    layouts = {f"cfg-{n}": ParallelConfig(cfg_parallel_size=n) for n in (1, 2)}
+    systems = compare(args.model, layouts, args.num_requests, args.steps, rounds=args.rounds)
     n = args.num_requests
     forward = forward_table(args.model, [2, 2 * n])
     concurrent = {rows: concurrent_forward_seconds(args.model, rows=rows, processes=2) for rows in (1, n)}

@@ -113,6 +113,8 @@ def test_parallel_benchmarks(tmp_path, _preset_cache, name):
             "2",
             "--steps",
             "2",
+            "--rounds",
+            "1",
             "--json",
             str(tmp_path / "r.json"),
             "--plot",
@@ -125,6 +127,7 @@ def test_parallel_benchmarks(tmp_path, _preset_cache, name):
     for system in systems.values():
         samples = system["single_request_samples_s"]
         assert len(samples) == 3 and system["single_request_latency_s"] == sorted(samples)[1]
+        assert system["throughput_rps"] == pytest.approx(2 / system["wall_s"][0], rel=1e-9)
     ratio = two["throughput_rps"] / one["throughput_rps"]
     assert report["throughput_ratio"] == pytest.approx(ratio, rel=1e-9)
     # Both limits: one process's forward of all 2 x 2 CFG rows over a forward of 2 rows while a
