@@ -150,6 +150,7 @@ def run_tests(copy: Path, tests: tuple[str, ...], cache: Path, timeout: float) -
         "returncode": code,
         "failed": failed,
         "summary": summary[-1] if summary else output[-500:],
+        "output_tail": output[-3000:] if code != 0 else "",
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -191,6 +192,7 @@ def main(argv=None) -> dict:
         baseline = run_tests(copy, all_tests, cache, args.timeout)
         print(f"unmutated: {baseline['summary']} ({baseline['seconds']} s)", flush=True)
         if baseline["returncode"] != 0:
+            print(baseline["output_tail"], file=sys.stderr)
             raise SystemExit(f"the tests fail without any mutation: {baseline['failed']}")
         for m in mutations:
             target = copy / m.path
