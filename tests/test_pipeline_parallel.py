@@ -123,7 +123,7 @@ def test_pp2_matches_diffusers_and_pp1_with_staggered_arrivals_and_aborts(qwen_d
         while core.has_work():
             core.step()
         assert core.executor.state_ids() == []
-        if cfg == 1:  # a killed stage fails the in-flight request within seconds
+        if cfg == 1:  # a killed stage fails the in-flight request within seconds, not never
             core.add_request(core.make_request("doomed", SamplingParams(num_inference_steps=1000)))
             core.step()
             os.kill(core.executor.processes[1].pid, signal.SIGKILL)
@@ -131,7 +131,7 @@ def test_pp2_matches_diffusers_and_pp1_with_staggered_arrivals_and_aborts(qwen_d
             with pytest.raises(EngineDeadError, match="worker 1 .* died"):
                 while True:
                     core.step()
-            assert time.monotonic() - start < 5
+            assert time.monotonic() - start < 15  # 5.4 s seen with load 9 on the 2 shared cores
 
 
 @pytest.mark.parametrize(
