@@ -37,21 +37,37 @@ def forward_seconds(
     size: tuple[int, int] | None = None,
 ) -> float:
     """Median seconds of one transformer forward over `rows` rows (in this process)."""
+    return forward_table(model, [rows], threads, repeats, device, dtype, size)[rows]
+
+
+def forward_table(
+    model: str,
+    row_counts: list[int],
+    threads: int = 1,
+    repeats: int = 5,
+    device: str = "cpu",
+    dtype: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> dict[int, float]:
+    """Median seconds of one transformer forward for each row count, the model loaded once."""
     from pipelines.loading import load_step_pipeline
 
     torch.set_num_threads(threads)
     pipeline = load_step_pipeline(model, device=device, dtype=dtype)
-    batch = _inputs(pipeline, rows, size)
-    samples = []
+    table = {}
     with torch.inference_mode():
-        pipeline.forward_rows(batch)  # warm-up
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            pipeline.forward_rows(batch)
-            _sync(device)
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for rows in sorted(set(row_counts)):
+            batch = _inputs(pipeline, rows, size)
+            pipeline.forward_rows(batch)  # warm-up
+            samples = []
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                pipeline.forward_rows(batch)
+                _sync(device)
+                samples.append(time.perf_counter() - t0)
+            table[rows] = statistics.median(samples)
+    return table
 
 
 def _sync(device: str) -> None:

@@ -150,6 +150,9 @@ class MultiprocExecutor(Executor):
                     self._outstanding.popleft()
                 return message
             if isinstance(message, WorkerFailed):
+                # A peer that died is the cause (its stage's send or collective failed here), so
+                # name it rather than the rank that reported the broken connection first.
+                self._check_workers()
                 self._mark_dead(f"worker {message.rank} failed:\n{message.error}")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("no step results within the timeout")

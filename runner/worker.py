@@ -85,7 +85,10 @@ def worker_main(config: WorkerConfig) -> None:
     }
     results.send_multipart(encoder.encode(WorkerReady(rank=config.rank, info=info)))
 
-    idle_since: float | None = None  # waiting before the first batch is not overhead
+    # When the previous batch ended with requests still running here; None when nothing was
+    # running (before the first batch, or after every request finished): waiting for new
+    # requests is not overhead, so only gaps between consecutive batches of running ones count.
+    idle_since: float | None = None
     try:
         while True:
             if not batches.poll(1000):
@@ -104,9 +107,9 @@ def worker_main(config: WorkerConfig) -> None:
                 results.send_multipart(encoder.encode(reply))
                 continue
             assert isinstance(message, StepBatch)
-            idle = 0.0 if idle_since is None else time.perf_counter() - idle_since
+            idle = None if idle_since is None else time.perf_counter() - idle_since
             step_results = runner.execute(message)
-            idle_since = time.perf_counter()
+            idle_since = time.perf_counter() if runner.states else None
             if reports_results:
                 step_results.idle_s = idle
                 results.send_multipart(encoder.encode(step_results), copy=False)

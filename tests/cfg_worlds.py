@@ -139,6 +139,42 @@ def run(kind: str, rank: int = 0, world: int = 1) -> list:
     return [s.latents for s in states]
 
 
+def reference(kind: str) -> list:
+    """The same requests without the CFG mixin: each branch alone through the transformer, the
+    guidance formulas written out here, the schedulers stepped directly. What every world size
+    must reproduce, so a bug in the mixin's shared path cannot hide behind a world-1 run."""
+    pipeline = ThreeBranchPipeline() if kind == "three" else TupleOutputPipeline()
+    states = make_states(kind)
+    with torch.inference_mode():
+        for _ in range(len(states[0].timesteps)):
+            for state in states:
+                branches = [pipeline.forward_rows([(state, b)]) for b in range(state.num_branches)]
+                scale = state.cfg_scale
+                if kind == "three":
+                    branches = [b[:, :CHANNELS] for b in branches]  # drop the learned variance
+                    if len(branches) == 3:
+                        positive, null, other = branches
+                        noise = positive + scale * (positive - null) + 0.5 * scale * (positive - other)
+                    elif len(branches) == 2:
+                        positive, negative = branches
+                        noise = negative + scale * (positive - negative)
+                    else:
+                        noise = branches[0]
+                    step = state.scheduler.step(noise, state.timestep, state.latents, generator=state.generator)
+                    state.latents = step.prev_sample
+                else:
+                    if len(branches) == 2:
+                        (video, audio), (negative_video, _) = branches
+                        noise = (negative_video + scale * (video - negative_video), audio)
+                    else:
+                        noise = branches[0]
+                    state.latents = state.scheduler.step(
+                        noise, state.timestep, state.latents, generator=state.generator
+                    )[0]
+                state.step_index += 1
+    return [s.latents for s in states]
+
+
 def rank_main(rank: int, world: int, port: int, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

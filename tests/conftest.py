@@ -33,18 +33,30 @@ def dit_dir(_preset_cache, tmp_path_factory):
     return export_preset("tiny-dit", tmp_path_factory.mktemp("tiny-dit"), preset_size=True)
 
 
+# How diffusers' documentation switches a general solver to a flow-matching model's velocity field
+# (e.g. its Wan pipelines: UniPCMultistepScheduler(prediction_type="flow_prediction",
+# use_flow_sigmas=True)); every other option keeps the value in the model's scheduler config or
+# the class default. Written out here, not imported from stepweave, so that a wrong default in
+# stepweave's own table cannot also change the reference it is checked against.
+DIFFUSERS_FLOW_SOLVER_OPTIONS = {
+    "UniPCMultistepScheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True},
+}
+
+
 def diffusers_reference(pipe, prompt, params, size=None):
-    """What diffusers' own pipeline returns for one request (output_type="np")."""
+    """What diffusers' own pipeline returns for one request (output_type="np"); `prompt` is a
+    string or a dict as stepweave takes it."""
     import diffusers
+
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
 
     original = pipe.scheduler
     if params.scheduler or params.scheduler_config:
-        from pipelines.schedulers import FLOW_SOLVER_OPTIONS
-
         name = params.scheduler or type(original).__name__
         options = {}
         if isinstance(pipe, diffusers.QwenImagePipeline) and name != type(original).__name__:
-            options.update(FLOW_SOLVER_OPTIONS.get(name, {}))
+            options.update(DIFFUSERS_FLOW_SOLVER_OPTIONS[name])
         options.update(params.scheduler_config or {})
         pipe.scheduler = getattr(diffusers, name).from_config(original.config, **options)
     try:

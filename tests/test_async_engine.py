@@ -80,7 +80,7 @@ async def test_worker_process_matches_inproc_with_abort_and_cancel(qwen_dir):
     try:
         mp_results, victim_outputs = await _run_mix(mp)
         inproc_results = await asyncio.gather(*(_final(inproc, p, sp) for _, p, sp in CASES))
-        for got, want in zip(mp_results, inproc_results):
+        for got, want in zip(mp_results, inproc_results, strict=True):
             final, expected = got[-1], want[-1]
             assert final.error is None and expected.error is None
             assert float(np.abs(final.images - expected.images).max()) < 1e-4

@@ -50,10 +50,25 @@ def test_throughput_benchmark_via_cli(tmp_path, _preset_cache, capsys):
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert set(report["systems"]) == {"diffusers-sequential", "diffusers-static", "stepweave-1", "stepweave-2"}
-    for system in report["systems"].values():
+    systems = report["systems"]
+    assert set(systems) == {"diffusers-sequential", "diffusers-static", "stepweave-1", "stepweave-2"}
+    for system in systems.values():
         assert SYSTEM_KEYS <= set(system) and system["throughput_rps"] > 0
-    assert report["batch_compute_limit"] > 0 and set(report["efficiency"]) == set(report["systems"])
+        latencies = system["latencies_s"]
+        assert len(latencies) == 4 and latencies == sorted(latencies)
+        assert system["p50_latency_s"] == latencies[2] and system["mean_latency_s"] == pytest.approx(sum(latencies) / 4)
+    # The limit, recomputed from its measurements: Qwen-Image's pipeline runs true CFG as two
+    # one-row transformer calls per step; stepweave's best forward holds both rows of N requests.
+    detail = report["limit_detail"]
+    assert detail["diffusers_calls_per_step"] == 2 and detail["diffusers_rows_per_call"] == 1
+    forward = {int(rows): seconds for rows, seconds in detail["forward_s_by_rows"].items()}
+    assert set(forward) == {1, 2, 4}
+    limit = 2 * forward[1] / min(forward[2] / 1, forward[4] / 2)
+    assert report["batch_compute_limit"] == pytest.approx(limit, rel=1e-9)
+    base = systems["diffusers-sequential"]["throughput_rps"]
+    for name, system in systems.items():
+        assert report["speedup"][name] == pytest.approx(system["throughput_rps"] / base, rel=1e-9)
+        assert report["efficiency"][name] == pytest.approx(system["throughput_rps"] / base / limit, rel=1e-9)
     assert png.stat().st_size > 0
     progress = capsys.readouterr().err
     for line in ("serving with diffusers-sequential", "serving with stepweave-2", f"wrote {out}", f"wrote {png}"):
@@ -89,14 +104,14 @@ def test_overhead_benchmark(tmp_path, _preset_cache):
         ]
     )
     row = report["results"][0]
-    for key in (
-        "direct_step_us",
-        "inproc_step_us",
-        "mp_step_us",
-        "mp_worker_idle_per_step_us",
-        "mp_sync_worker_idle_per_step_us",
-    ):
-        assert key in row
+    for name in ("inproc", "mp", "mp_sync"):
+        assert row[f"{name}_ratio"] == pytest.approx(row[f"{name}_step_us"] / row["direct_step_us"], rel=1e-9)
+        assert row[f"{name}_overhead_us"] == pytest.approx(row[f"{name}_step_us"] - row["direct_step_us"], rel=1e-9)
+    for name in ("mp", "mp_sync"):
+        # one measured round, a 2-step then a 3-step request alone: the gaps between consecutive
+        # steps of a running request only (1 + 2), none between the requests
+        assert row[f"{name}_worker_idle_gaps"] == 3
+        assert 0 <= row[f"{name}_worker_idle_per_step_us"] < 1e6
 
 
 @pytest.mark.parametrize("name", ["cfg_parallel", "pipeline_parallel"])
@@ -112,13 +127,37 @@ def test_parallel_benchmarks(tmp_path, _preset_cache, name):
             "2",
             "--steps",
             "2",
+            "--rounds",
+            "1",
             "--json",
             str(tmp_path / "r.json"),
             "--plot",
             str(tmp_path / "r.png"),
         ]
     )
-    assert len(report["systems"]) == 2 and all(s["throughput_rps"] > 0 for s in report["systems"].values())
+    systems = report["systems"]
+    assert len(systems) == 2 and all(s["throughput_rps"] > 0 for s in systems.values())
+    one, two = systems.values()
+    for system in systems.values():
+        samples = system["single_request_samples_s"]
+        assert len(samples) == 3 and system["single_request_latency_s"] == sorted(samples)[1]
+        assert system["throughput_rps"] == pytest.approx(2 / system["wall_s"][0], rel=1e-9)
+    ratio = two["throughput_rps"] / one["throughput_rps"]
+    assert report["throughput_ratio"] == pytest.approx(ratio, rel=1e-9)
+    # Both limits: one process's forward of all 2 x 2 CFG rows over a forward of 2 rows while a
+    # second process runs another at the same time.
+    forward, concurrent = report["forward_s_by_rows"], report["concurrent_forward_s_by_rows"]
+    limit = forward["4"] / concurrent["2"]
+    if name == "cfg_parallel":
+        assert report["limit_batch"] == pytest.approx(limit, rel=1e-9)
+        assert report["efficiency_batch"] == pytest.approx(ratio / limit, rel=1e-9)
+        single_limit = forward["2"] / concurrent["1"]
+        speedup = one["single_request_latency_s"] / two["single_request_latency_s"]
+        assert report["limit_single_request"] == pytest.approx(single_limit, rel=1e-9)
+        assert report["efficiency_single_request"] == pytest.approx(speedup / single_limit, rel=1e-9)
+    else:
+        assert report["limit"] == pytest.approx(limit, rel=1e-9)
+        assert report["efficiency"] == pytest.approx(ratio / limit, rel=1e-9)
     assert (tmp_path / "r.png").stat().st_size > 0
 
 

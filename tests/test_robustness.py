@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from engine import Omni, SamplingParams
+from tests.conftest import diffusers_reference
 
 
 @pytest.fixture(scope="module")
@@ -13,24 +15,46 @@ def omni(qwen_dir):
         yield omni
 
 
-def test_abort_running_and_waiting_leaves_no_state(omni):
+def test_abort_running_and_waiting_leaves_no_state(omni, qwen_dir):
+    """Aborting one running and one waiting request frees them; the survivors, including a
+    request admitted into the freed slot next to a running one, still equal diffusers."""
+    import diffusers
+
     core = omni.core
-    params = SamplingParams(num_inference_steps=6, seed=0, output_type="np")
-    keep, run, wait = (core.make_request("a fox", params) for _ in range(3))
-    for request in (keep, run, wait):
+    plan = {  # distinct prompts, seeds and step counts, so a mix-up between requests shows
+        "keep": ({"prompt": "a red fox in the snow", "negative_prompt": "blurry"}, 6, 1),
+        "run": ({"prompt": "an old stone bridge", "negative_prompt": "dark"}, 6, 2),
+        "wait": ({"prompt": "a field of sunflowers"}, 4, 3),
+        "late": ({"prompt": "a lighthouse at dusk", "negative_prompt": "rain"}, 5, 4),
+    }
+    params = {
+        name: SamplingParams(num_inference_steps=steps, seed=seed, output_type="np")
+        for name, (_, steps, seed) in plan.items()
+    }
+    requests = {name: core.make_request(plan[name][0], params[name]) for name in plan}
+    for request in requests.values():
         core.add_request(request)
     core.step()
     core.step()
-    assert set(core.executor.state_ids()) == {keep.request_id, run.request_id}
-    assert core.abort(run.request_id).error == "request aborted"
-    assert core.abort(wait.request_id).error == "request aborted"
+    assert set(core.executor.state_ids()) == {requests["keep"].request_id, requests["run"].request_id}
+    assert core.abort(requests["run"].request_id).error == "request aborted"
+    assert core.abort(requests["wait"].request_id).error == "request aborted"
     finished = {}
     while core.has_work():
         finished.update({o.request_id: o for o in core.step() if o.finished})
-    assert finished[keep.request_id].error is None
-    assert run.request_id not in finished and wait.request_id not in finished
+    assert set(finished) == {requests["keep"].request_id, requests["late"].request_id}
     core.step()  # nothing left to run: the drop of an already-freed request is a no-op
     assert core.executor.state_ids() == []
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(qwen_dir))
+    pipe.set_progress_bar_config(disable=True)
+    size = (core.model_info.default_height, core.model_info.default_width)
+    for name in ("keep", "late"):
+        output = finished[requests[name].request_id]
+        assert output.error is None, output.error
+        expected = diffusers_reference(pipe, plan[name][0], params[name], size=size)
+        assert output.images.shape == expected.shape
+        assert float(np.abs(output.images - expected).max()) < 1e-4, name
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,7 @@ def test_200_requests_from_4_clients_match_omni(server, references):
     assert sorted(results) == list("ABCD")
     for name, outputs in results.items():
         assert len(outputs) == per_client
-        for k, (i, output) in enumerate(zip(plans[name], outputs)):
+        for k, (i, output) in enumerate(zip(plans[name], outputs, strict=True)):
             # the same ids in every client: the server keeps each client's namespace apart
             assert output.request_id == f"r-{k}" and output.finished and output.error is None, output.error
             assert output.seed == cases[i][1].seed
@@ -191,7 +191,7 @@ def test_bad_requests_fail_alone_like_omni(server, qwen_dir):
         got = client.generate(prompts, params, use_tqdm=False)
         with pytest.raises(ValueError, match="2 entries but there are 3 prompts"):
             client.generate(["a", "b", "c"], params[:2])
-    for g, w in zip(got[:4], want[:4]):
+    for g, w in zip(got[:4], want[:4], strict=True):
         assert g.finished and g.error == w.error and g.error.startswith("ValueError: ")
     assert got[4].error.startswith("ValueError: request cannot be sent")
     assert got[-1].error is None and got[-1].images.shape == (1, 32, 32, 3)

@@ -54,8 +54,9 @@ class StepResults(msgspec.Struct, tag="results", kw_only=True, omit_defaults=Tru
     outputs: list[StepOutput] = []
     # Seconds the runner spent on the batch (encode + forward + scheduler + decode).
     execute_s: float = 0.0
-    # Seconds the reporting worker sat idle between its previous batch and this one.
-    idle_s: float = 0.0
+    # Seconds the reporting worker sat idle between its previous batch and this one, when the
+    # previous one left requests running there; None otherwise (a gap between requests).
+    idle_s: float | None = None
 
 
 # -- worker control (ZeroMQ only) ------------------------------------------------------------

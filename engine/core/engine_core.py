@@ -44,7 +44,10 @@ class EngineStats:
     batches: int = 0
     rows: int = 0  # request-steps executed
     execute_s: float = 0.0  # runner time, as the reporting worker measured it
-    worker_idle_s: float = 0.0  # reporting worker's wait between consecutive batches
+    # The reporting worker's wait between consecutive batches while requests were running on it,
+    # and how many such gaps there were (waiting for new requests is not counted).
+    worker_idle_s: float = 0.0
+    worker_idle_gaps: int = 0
     restarts: int = 0  # worker grids started after a crash
     restart_s: float = 0.0  # wall time of the last restart (crash noticed to new grid ready)
     startup_s: float = 0.0  # wall time to start the first worker grid (a restart's baseline)
@@ -53,7 +56,9 @@ class EngineStats:
         self.batches += 1
         self.rows += len(results.outputs)
         self.execute_s += results.execute_s
-        self.worker_idle_s += results.idle_s
+        if results.idle_s is not None:
+            self.worker_idle_s += results.idle_s
+            self.worker_idle_gaps += 1
 
 
 def make_executor(config: EngineConfig, family: str) -> Executor:

@@ -1,0 +1,205 @@
+"""README's figures equal the committed benchmark JSON they come from.
+
+Every table under "Current figures" is marked `<!-- figures: docs/results/NAME.json ... -->`;
+this test formats the numbers of those files the way README prints them and checks that each
+row says so. A figure edited by hand, or a JSON file rerun without updating README, fails here.
+Each expected cell recomputes its ratio from the raw fields, so a ratio written by a wrong
+formula into the JSON also fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"<!-- figures: ([^>]+?) -->\n+((?:\|.*\|\n)+)")
+
+
+def _tables() -> list[tuple[list[str], dict[str, list[str]]]]:
+    """(JSON paths, {first cell: cells}) for every marked README table."""
+    tables = []
+    for match in MARKER.finditer((ROOT / "README.md").read_text()):
+        rows = {}
+        for line in match.group(2).splitlines()[2:]:  # after the header and its rule
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+        tables.append((match.group(1).split(), rows))
+    return tables
+
+
+def _load(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}×"
+
+
+def _overhead(reports) -> dict[str, list[str]]:
+    (report,) = reports
+    expected = {}
+    for r in report["results"]:
+        direct = r["direct_step_us"]
+        expected[r["model"]] = [
+            f"{direct:.0f} µs",
+            f"{r['inproc_step_us']:.0f} µs ({_x(r['inproc_step_us'] / direct)})",
+            f"{r['mp_step_us']:.0f} µs ({_x(r['mp_step_us'] / direct)})",
+            f"{r['mp_worker_idle_per_step_us']:.0f} µs / {r['mp_sync_worker_idle_per_step_us']:.0f} µs",
+        ]
+    return expected
+
+
+def _parallel(reports, key: str, label: str) -> dict[str, list[str]]:
+    """CFG-parallel and pipeline-parallel: layout 2 against 1, and the limit from its forwards."""
+    (report,) = reports
+    one, two = (report["systems"][f"{key}-{n}"] for n in (1, 2))
+    n = report["config"]["num_requests"]
+    forward, concurrent = report["forward_s_by_rows"], report["concurrent_forward_s_by_rows"]
+    ratio = two["throughput_rps"] / one["throughput_rps"]
+    limit = forward[str(2 * n)] / concurrent[str(n)]
+    rows = {
+        f"{label}=1": [
+            f"{one['throughput_rps']:.3f} req/s",
+            f"{one['mean_latency_s']:.2f} s",
+            f"{one['single_request_latency_s']:.2f} s",
+        ],
+        f"{label}=2": [f"{two['throughput_rps']:.3f} req/s ({_x(ratio)})", f"{two['mean_latency_s']:.2f} s"],
+    }
+    if key == "cfg":  # one request's two branches on two ranks
+        speedup = one["single_request_latency_s"] / two["single_request_latency_s"]
+        single_limit = forward["2"] / concurrent["1"]
+        rows[f"{label}=2"].append(f"{two['single_request_latency_s']:.2f} s ({_x(speedup)})")
+        rows["limit, same run"] = [_x(limit), "", _x(single_limit)]
+        rows["efficiency"] = [f"{ratio / limit:.2f}", "", f"{speedup / single_limit:.2f}"]
+    else:  # one request alone cannot overlap stages: its limit is 1x
+        slower = two["single_request_latency_s"] / one["single_request_latency_s"]
+        rows[f"{label}=2"].append(f"{two['single_request_latency_s']:.2f} s ({_x(slower)} the latency)")
+        rows["limit, same run"] = [_x(limit), "", "1.00× (latency)"]
+        rows["efficiency"] = [f"{ratio / limit:.2f}"]
+    return rows
+
+
+def _limit(report) -> float:
+    detail = report["limit_detail"]
+    forward = {int(rows): s for rows, s in detail["forward_s_by_rows"].items()}
+    per_request = [forward[detail["rows_per_request"] * n] / n for n in report["config"]["max_num_seqs"]]
+    return detail["diffusers_calls_per_step"] * forward[detail["diffusers_rows_per_call"]] / min(per_request)
+
+
+def _throughput(reports) -> dict[str, list[str]]:
+    (report,) = reports
+    systems = report["systems"]
+    base = systems["diffusers-sequential"]["throughput_rps"]
+    limit = _limit(report)
+    rows = {}
+    for name, s in systems.items():
+        speedup = s["throughput_rps"] / base
+        rows[name] = [
+            f"{s['throughput_rps']:.2f} req/s ({_x(speedup)}",
+            f"{s['p50_latency_s']:.2f} s",
+            f"{s['p99_latency_s']:.2f} s",
+            f"{s['mean_queue_s']:.2f} s",
+            f"{s['mean_batch_occupancy']:.2f}",
+            f"{speedup / limit:.2f}",
+        ]
+    rows["limit, same run"] = [_x(limit)]
+    return rows
+
+
+def _adapter(reports) -> dict[str, list[str]]:
+    (report,) = reports
+    systems = report["systems"]
+    base = systems["diffusers-sequential"]["throughput_rps"]
+    rows = {}
+    for name, s in systems.items():
+        cell = f"{s['throughput_rps']:.2f} req/s ({_x(s['throughput_rps'] / base)}"
+        rows[name] = [cell, f"{s['p50_latency_s']:.2f} s", f"{s['p99_latency_s']:.2f} s"]
+        if name.startswith("stepweave-adapter-"):
+            hand_split = systems[name.replace("adapter-", "")]["throughput_rps"]
+            rows[name][0] += f"; {_x(s['throughput_rps'] / hand_split)} hand-split"
+    return rows
+
+
+def _tiny_adapter_models(reports) -> dict[str, list[str]]:
+    rows = {}
+    for report in reports:
+        systems = report["systems"]
+        base = systems["diffusers-sequential"]["throughput_rps"]
+        rows[report["config"]["model"]] = [
+            f"{base:.2f} req/s",
+            _x(systems["diffusers-static"]["throughput_rps"] / base),
+            _x(systems["stepweave-8"]["throughput_rps"] / base),
+        ]
+    return rows
+
+
+def _client(reports) -> dict[str, list[str]]:
+    (report,) = reports
+    r = report["results"]
+    burst = report["config"]["burst"]
+    rows = {"embedded `AsyncEngine`": [f"{r['embedded_p50_ms']:.2f} ms", f"{r['embedded_p90_ms']:.2f} ms"]}
+    for name, label in (("async_client", "AsyncEngineClient"), ("sync_client", "EngineClient")):
+        overhead = r[f"{name}_p50_ms"] - r["embedded_p50_ms"]
+        rows[f"`{label}` → `stepweave serve` (ipc)"] = [
+            f"{r[f'{name}_p50_ms']:.2f} ms",
+            f"{r[f'{name}_p90_ms']:.2f} ms",
+            f"{overhead:+.2f} ms ({_x(r[f'{name}_p50_ms'] / r['embedded_p50_ms'])})",
+        ]
+    embedded, client = r["embedded_burst_per_request_ms"], r["client_burst_per_request_ms"]
+    rows[f"burst of {burst}, embedded"] = [f"{embedded:.2f} ms / request"]
+    rows[f"burst of {burst}, `AsyncEngineClient`"] = [
+        f"{client:.2f} ms / request",
+        "",
+        f"{client - embedded:+.2f} ms ({_x(client / embedded)})",
+    ]
+    return rows
+
+
+def _mutations(reports) -> dict[str, list[str]]:
+    (report,) = reports
+    return {m["name"]: [m["path"], "caught" if m["caught"] else "MISSED"] for m in report["mutations"]}
+
+
+def _expected(paths: list[str]) -> dict[str, list[str]]:
+    reports = [_load(p) for p in paths]
+    name = Path(paths[0]).stem
+    if name == "overhead":
+        return _overhead(reports)
+    if name == "cfg_parallel":
+        return _parallel(reports, "cfg", "cfg_parallel_size")
+    if name == "pipeline_parallel":
+        return _parallel(reports, "pp", "pipeline_parallel_size")
+    if name.startswith("throughput_tiny-"):
+        return _tiny_adapter_models(reports)
+    if name.startswith("throughput_"):
+        return _throughput(reports)
+    if name.startswith("adapter_throughput_"):
+        return _adapter(reports)
+    if name == "client_overhead":
+        return _client(reports)
+    if name == "mutation_check":
+        return _mutations(reports)
+    raise AssertionError(f"README marks a table with {paths}, which this test does not know how to check")
+
+
+def test_every_committed_result_backs_a_readme_table():
+    tables = _tables()
+    assert len(tables) >= 9
+    marked = [p for paths, _ in tables for p in paths]
+    committed = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*.json"))
+    assert sorted(marked) == committed
+
+
+@pytest.mark.parametrize("paths", [paths for paths, _ in _tables()], ids=lambda paths: Path(paths[0]).stem)
+def test_readme_table_matches_its_json(paths):
+    (rows,) = [rows for marked, rows in _tables() if marked == paths]
+    for row, cells in _expected(paths).items():
+        assert row in rows, f"README's table for {paths} has no row {row!r}"
+        got = rows[row][1:]
+        assert len(got) >= len(cells), f"{paths}, row {row!r}: {got}"
+        for column, want in enumerate(cells):
+            assert want in got[column], f"{paths}, row {row!r}, column {column + 2}: {got[column]!r} lacks {want!r}"
