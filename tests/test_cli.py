@@ -1,9 +1,11 @@
 """The stepweave command line: generate writes an image; export-preset writes a loadable directory."""
 
 import diffusers
+import numpy as np
 from PIL import Image
 
 from engine.cli import main
+from pipelines.presets.digit_classifier import DigitClassifier
 
 
 def test_generate_writes_png(tmp_path, capsys):
@@ -11,6 +13,8 @@ def test_generate_writes_png(tmp_path, capsys):
     code = main(
         [
             "generate",
+            "--model",
+            "tiny-qwen-image",
             "--prompt",
             "a lighthouse",
             "--negative-prompt",
@@ -25,6 +29,15 @@ def test_generate_writes_png(tmp_path, capsys):
     )
     assert code == 0 and "wrote" in capsys.readouterr().out
     assert Image.open(out).size == (64, 64)
+
+
+def test_readme_first_command_draws_the_named_digit(tmp_path, capsys):
+    """README's first command, as a new user runs it: the default model, worker processes."""
+    out = tmp_path / "seven.png"
+    assert main(["generate", "--prompt", "a handwritten digit seven", "--output", str(out)]) == 0
+    image = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)[None] / 255.0
+    assert image.shape == (1, 32, 32, 3)
+    assert DigitClassifier().predict(image).tolist() == [7]
 
 
 def test_generate_reports_bad_input(tmp_path, capsys):
