@@ -43,7 +43,7 @@ def _accuracy(classifier, images, digits) -> float:
     return float((classifier.predict(np.concatenate(images)) == np.asarray(digits)).mean())
 
 
-def test_classifier_reads_real_digits(classifier):
+def test_classifier_reads_the_dataset_drawn_as_the_preset_draws_it(classifier):
     from pipelines.presets.digits_data import load_digits_8x8, to_pixels
 
     images, labels = load_digits_8x8()

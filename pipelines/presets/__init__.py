@@ -28,7 +28,7 @@ from pipelines.presets.qwen_image import qwen_image
 from pipelines.presets.sd3 import tiny_sd3
 from pipelines.presets.z_image import tiny_z_image
 
-# Bump when any builder changes output, so stale caches are never reused.
+# Bump when any builder changes output (retrained digits weights included), so stale caches are never reused.
 CACHE_VERSION = "v1"
 
 PRESETS: dict[str, PresetSpec] = {
