@@ -190,6 +190,22 @@ def test_client_overhead_benchmark(tmp_path, qwen_dir):
     assert png.stat().st_size > 0
 
 
+def test_quality_benchmark(tmp_path, _preset_cache):
+    from benchmarks import quality
+
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    argv = ["--seeds", "1", "--steps", "8", "--cfg-scales", "3", "--json", str(out), "--plot", str(png)]
+    results = quality.main(argv)["results"]
+    assert json.loads(out.read_text())["results"] == results
+    # 8 steps without CFG, the default 20 without CFG, and 20 with CFG 3: ten digits each
+    assert results["requests"] == 30
+    assert [x["steps"] for x in results["vs_steps"]] == [8, 20]
+    assert [x["cfg"] for x in results["vs_cfg"]] == [3.0, None]
+    assert len(results["per_digit_default"]) == 10 and sum(map(sum, results["confusion_default"])) == 10
+    assert results["default"]["accuracy"] >= 0.8  # one seed per digit: a broken model scores ~0.1
+    assert png.stat().st_size > 0
+
+
 def test_gpu_check_script_cpu_smoke(tmp_path, _preset_cache):
     """benchmarks/gpu_check.sh runs its whole sequence on the CPU (tiny preset), so the script a
     GPU lease depends on keeps working between leases."""

@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image
 
 from engine.cli import main
+from pipelines.presets.digit_classifier import DigitClassifier
 
-QUICK = ["--steps", "2", "--executor", "inproc"]
+QUICK = ["--model", "tiny-qwen-image", "--steps", "2", "--executor", "inproc"]
 
 
 def test_generate_writes_png(tmp_path, capsys):
@@ -53,6 +54,15 @@ def test_generate_writes_one_file_per_image_with_its_settings(tmp_path, capsys):
     # image i is what a single request with seed + i gives (one unit of rounding for batching)
     diff = np.abs(np.asarray(second, dtype=int) - np.asarray(alone, dtype=int))
     assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_readme_first_command_draws_the_named_digit(tmp_path, capsys):
+    """README's first command, as a new user runs it: the default model, worker processes."""
+    out = tmp_path / "seven.png"
+    assert main(["generate", "--prompt", "a handwritten digit seven", "--output", str(out)]) == 0
+    image = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)[None] / 255.0
+    assert image.shape == (1, 32, 32, 3)
+    assert DigitClassifier().predict(image).tolist() == [7]
 
 
 def test_export_preset_loads_in_diffusers(tmp_path):

@@ -164,6 +164,43 @@ def _mutations(reports) -> dict[str, list[str]]:
     return {m["name"]: [m["path"], "caught" if m["caught"] else "MISSED"] for m in report["mutations"]}
 
 
+def _chaos(reports) -> dict[str, list[str]]:
+    (report,) = reports
+    storm, soak, hostile, flood = (report[k] for k in ("abort_storm", "soak", "hostile_frames", "flood"))
+    dead, restart = report["kill_under_load_restarts_0"], report["kill_under_load_restarts_1"]
+    p99_ratio = flood["polite_under_flood_p99_s"] / flood["polite_unloaded_p99_s"]
+    return {
+        "abort storm": [
+            f"{storm['requests']} requests, {storm['aborted']} aborted at random steps",
+            f"{storm['lost_or_hung']} lost or hung, {storm['wrong_outputs']} wrong, "
+            f"{storm['worker_state_left']} worker states left",
+        ],
+        "kill -9 under load, restarts off": [
+            f"{dead['failed_requests']} requests failed",
+            f"every stream ended {dead['seconds_until_every_stream_ended']:.2f} s after the kill",
+        ],
+        "kill -9 under load, restarts on": [
+            f"{restart['failed_requests']} running failed, {restart['waiting_requests_finished']} waiting finished",
+            f"restart {restart['restart_seconds']:.1f} s (first start {restart['first_start_seconds']:.1f} s), "
+            f"{restart['wrong_outputs']} wrong",
+        ],
+        "soak": [
+            f"{soak['clients_killed_mid_stream']} clients killed mid-stream",
+            f"server memory {soak['server_rss_growth_mb']:+.1f} MB, {soak['state_left']} requests left, "
+            f"{'still serves' if soak['still_serves'] else 'NO LONGER SERVES'}",
+        ],
+        "hostile frames": [
+            f"{hostile['messages']} junk, truncated, unknown-field, many-part and oversize messages",
+            f"{hostile['answered']} answered, server {'alive' if hostile['server_alive'] else 'DEAD'}",
+        ],
+        "one-client flood": [
+            f"{flood['flood_requests']} long requests from one client",
+            f"polite p50 {flood['polite_unloaded_p50_s']:.2f} → {flood['polite_under_flood_p50_s']:.2f} s, "
+            f"p99 {flood['polite_unloaded_p99_s']:.2f} → {flood['polite_under_flood_p99_s']:.2f} s ({_x(p99_ratio)})",
+        ],
+    }
+
+
 def _expected(paths: list[str]) -> dict[str, list[str]]:
     reports = [_load(p) for p in paths]
     name = Path(paths[0]).stem
@@ -183,6 +220,8 @@ def _expected(paths: list[str]) -> dict[str, list[str]]:
         return _client(reports)
     if name == "mutation_check":
         return _mutations(reports)
+    if name == "chaos":
+        return _chaos(reports)
     raise AssertionError(f"README marks a table with {paths}, which this test does not know how to check")
 
 

@@ -6,7 +6,7 @@ ordinary diffusers directory that `DiffusionPipeline.from_pretrained` loads as t
 class, so the engine exercises the same loading and inference code a downloaded model would.
 
 This package holds the preset table and the export/cache logic; each family's builder lives in
-its own module (`qwen_image`, `dit`, `flux`, `sd3`, `z_image`), the parts several families share
+its own module (`qwen_image`, `digits`, `dit`, `flux`, `sd3`, `z_image`), the parts several families share
 in `components`, the seeding helpers in `common`, and the tokenizers in `tokenizer_training`.
 """
 
@@ -22,16 +22,26 @@ from pathlib import Path
 import torch
 
 from pipelines.presets.common import PresetSpec
+from pipelines.presets.digits import digits_qwen_image
 from pipelines.presets.dit import tiny_dit
 from pipelines.presets.flux import tiny_flux
 from pipelines.presets.qwen_image import qwen_image
 from pipelines.presets.sd3 import tiny_sd3
 from pipelines.presets.z_image import tiny_z_image
 
-# Bump when any builder changes output, so stale caches are never reused.
+# Bump when any builder changes output (retrained digits weights included), so stale caches are never reused.
 CACHE_VERSION = "v1"
 
 PRESETS: dict[str, PresetSpec] = {
+    # The one preset with trained weights (committed in presets/digits/): it draws the
+    # handwritten digit its prompt names. The embedded default of `stepweave generate`.
+    "digits-qwen-image": PresetSpec(
+        "qwen-image",
+        32,
+        32,
+        digits_qwen_image,
+        "QwenImagePipeline trained on scikit-learn's handwritten digits; 32x32 (4 image tokens)",
+    ),
     "tiny-qwen-image": PresetSpec(
         "qwen-image",
         64,

@@ -10,7 +10,7 @@ import torch
 from pipelines.presets.common import init_linears_, seeded
 
 # Latent channels of the qwen-image presets' VAE (the real model has 16).
-_QWEN_Z_DIM = 4
+QWEN_Z_DIM = 4
 # The tiny text encoder's width; the transformer's joint_attention_dim must equal it.
 _TEXT_HIDDEN = 32
 
@@ -62,20 +62,26 @@ def _qwen_text_encoder(vocab_size: int, special_ids: dict[str, int]):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def _qwen_vae():
-    """A tiny Qwen-Image VAE; three spatial halvings keep vae_scale_factor at 8."""
+def qwen_vae(*, base_dim: int = 8, latents_mean=(0.05, -0.05, 0.1, -0.1), latents_std=(1.0, 0.9, 1.1, 1.2)):
+    """A small Qwen-Image VAE (4 latent channels); three spatial halvings keep vae_scale_factor at 8.
+    Unseeded and untrained: the caller seeds it (`seeded`) or loads weights into it."""
     from diffusers import AutoencoderKLQwenImage
 
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=_QWEN_Z_DIM,
+    return AutoencoderKLQwenImage(
+        base_dim=base_dim,
+        z_dim=QWEN_Z_DIM,
         dim_mult=[1, 2, 4, 4],
         num_res_blocks=1,
         attn_scales=[],
         temperal_downsample=[False, True, True],
-        latents_mean=[0.05, -0.05, 0.1, -0.1],
-        latents_std=[1.0, 0.9, 1.1, 1.2],
+        latents_mean=list(latents_mean),
+        latents_std=list(latents_std),
     )
+
+
+def _qwen_vae():
+    """The random-weight presets' VAE."""
+    vae = qwen_vae()
     # Default init decodes to a narrow grey band; more contrast makes differences visible.
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(2.0)
@@ -90,7 +96,7 @@ def _real_qwen_vae():
     return AutoencoderKLQwenImage()
 
 
-def _qwen_scheduler():
+def qwen_scheduler():
     """Qwen-Image's own flow-matching schedule (resolution-dependent exponential shift)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -107,41 +113,55 @@ def _qwen_scheduler():
     )
 
 
+def qwen_text_parts():
+    """The tokenizer and the tiny, seeded Qwen2.5-VL text encoder every qwen-image preset shares."""
+    from pipelines.presets.tokenizer_training import SPECIAL_TOKENS, build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer()
+    special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // 64) * 64  # round up: room for every token id
+    return tokenizer, seeded(3, lambda: _qwen_text_encoder(vocab_size, special_ids))
+
+
+def qwen_transformer(*, layers: int, heads: int, head_dim: int, axes: tuple[int, int, int], z_dim: int = QWEN_Z_DIM):
+    """A QwenImageTransformer2DModel of the given size reading the tiny text encoder, with
+    diffusers' default init (unseeded: the caller seeds it or loads weights into it)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    assert sum(axes) == head_dim and all(a % 2 == 0 for a in axes), "rope axes must tile the head dim"
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * z_dim,  # 2x2 latent patches are packed into channels
+        out_channels=z_dim,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=_TEXT_HIDDEN,
+        axes_dims_rope=axes,
+    )
+
+
 def qwen_image(
     *, layers: int, heads: int, head_dim: int, axes: tuple[int, int, int], real_vae: bool = False, dtype=None
 ):
     """A QwenImagePipeline whose transformer has the given size; the text encoder is tiny, the VAE
     tiny or (`real_vae`) the real architecture; saved in `dtype` (float32 when None)."""
-    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import QwenImagePipeline
 
-    from pipelines.presets.tokenizer_training import SPECIAL_TOKENS, build_qwen_tokenizer
-
-    assert sum(axes) == head_dim and all(a % 2 == 0 for a in axes), "rope axes must tile the head dim"
-    tokenizer = build_qwen_tokenizer()
-    special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 64) * 64  # round up: room for every token id
-    z_dim = 16 if real_vae else _QWEN_Z_DIM
+    tokenizer, text_encoder = qwen_text_parts()
+    z_dim = 16 if real_vae else QWEN_Z_DIM
 
     def transformer():
-        model = QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=4 * z_dim,  # 2x2 latent patches are packed into channels
-            out_channels=z_dim,
-            num_layers=layers,
-            attention_head_dim=head_dim,
-            num_attention_heads=heads,
-            joint_attention_dim=_TEXT_HIDDEN,
-            axes_dims_rope=axes,
-        )
+        model = qwen_transformer(layers=layers, heads=heads, head_dim=head_dim, axes=axes, z_dim=z_dim)
         # Stronger AdaLN modulation (gates) lets attention output through; a smaller output
         # projection keeps velocity predictions around unit scale.
         init_linears_(model, {"_mod": 2.0, "proj_out": 0.5})
         return model
 
     pipe = QwenImagePipeline(
-        scheduler=_qwen_scheduler(),
+        scheduler=qwen_scheduler(),
         vae=seeded(2, _real_qwen_vae if real_vae else _qwen_vae),
-        text_encoder=seeded(3, lambda: _qwen_text_encoder(vocab_size, special_ids)),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=seeded(1, transformer),
     )
