@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import msgspec
@@ -72,6 +73,7 @@ async def abort_storm(model: str, requests: int, rng: random.Random) -> dict:
         for prompt, seed in cases:
             expected[(prompt, seed)] = (await _final(engine.generate(prompt, _params(seed)), 60)).images
         finished = wrong = lost = aborted = 0
+        errors: Counter[str] = Counter()
 
         async def lane(k: int):
             """Requests one after another under one id: each may be aborted at a random point and
@@ -92,8 +94,10 @@ async def abort_storm(model: str, requests: int, rng: random.Random) -> dict:
                     out = first
                 else:
                     out = await _final(stream, 60)
+                await stream.aclose()
                 if out is None or out.error is not None:
                     lost += 1
+                    errors[str(out.error if out is not None else "hung")[:120]] += 1
                     continue
                 finished += 1
                 wrong += int(not np.allclose(out.images, expected[(prompt, seed)], atol=1e-5))
@@ -108,6 +112,7 @@ async def abort_storm(model: str, requests: int, rng: random.Random) -> dict:
         "lost_or_hung": lost,
         "wrong_outputs": wrong,
         "worker_state_left": len(state),
+        "errors": dict(errors),
         "seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -87,14 +87,22 @@ class AsyncEngine:
             async for output in _merged(request_id, streams, finished, params):
                 if output.finished:
                     attach_generation_info(output, fields, params, self.model)
+                    # The id is free once its final output is out, even if the caller never
+                    # asks for more (the generator would only end at its next __anext__).
+                    self._forget(request_id, ids, streams, finished)
                 yield output
         finally:
-            self._groups.pop(request_id, None)
-            for rid, stream, done in zip(ids, streams, finished):
-                if self._streams.get(rid) is stream:
-                    del self._streams[rid]
-                if not done:
-                    self._inputs.put(("abort", rid))
+            self._forget(request_id, ids, streams, finished)
+
+    def _forget(self, request_id: str, ids: list[str], streams: list[RequestStream], finished: list[bool]) -> None:
+        """Stop tracking a request's streams and abort its images that have not finished."""
+        self._groups.pop(request_id, None)
+        for k, (rid, stream) in enumerate(zip(ids, streams)):
+            if self._streams.get(rid) is stream:
+                del self._streams[rid]
+            if not finished[k]:
+                finished[k] = True
+                self._inputs.put(("abort", rid))
 
     async def abort(self, request_id: str) -> None:
         """End a request now: its stream yields a final output with error "request aborted"."""

@@ -61,3 +61,17 @@ async def test_reused_ids_get_their_own_prompt_and_state(qwen_dir, executor):
         await stream.aclose()  # leaving the stream aborts the request
         assert np.array_equal(await _final(engine, "a blue whale", params, "fox"), expected["a blue whale"])
         assert await engine.worker_state_ids() == []
+
+
+async def test_an_id_is_free_as_soon_as_its_final_output_is_out(qwen_dir):
+    """A caller that takes outputs until `finished` and stops there (never exhausting the
+    generator) can reuse the id at once: it does not stay "in flight" until garbage collection."""
+    params = SamplingParams(num_inference_steps=2, seed=3)
+    async with AsyncEngine(model=str(qwen_dir), executor="inproc") as engine:
+        for prompt in ("a red fox", "a blue whale", "a grey heron"):
+            stream = engine.generate(prompt, params, request_id="fox")
+            out = await stream.__anext__()
+            while not out.finished:
+                out = await stream.__anext__()
+            assert out.error is None and len(out.images) == 1
+        assert await engine.worker_state_ids() == []
