@@ -13,6 +13,7 @@ by the next request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import uuid
@@ -38,7 +39,11 @@ class AsyncEngine:
         config = EngineConfig.of(model, **options)
         self.model = config.model  # as the caller named it (the core holds the resolved directory)
         self.core = EngineCore(config)
-        self._groups: dict[str, list[str]] = {}  # a request with several images -> its images' ids
+        # A live request's user id -> the engine ids of its images (one unless
+        # num_images_per_prompt > 1); each engine id -> its stream, and the id its outputs carry.
+        self._live: dict[str, list[str]] = {}
+        self._user_ids: dict[str, str] = {}
+        self._incarnations = itertools.count()
         self._inputs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._thread: threading.Thread | None = None
@@ -63,55 +68,61 @@ class AsyncEngine:
         with fewer requests running."""
         self._ensure_running()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        if request_id in self._streams or request_id in self._groups:
+        if request_id in self._live:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         params, fields = request_fields(prompt, sampling_params)
         per_image = split_images(params)
-        ids = [request_id] if len(per_image) == 1 else [sub_request_id(request_id, i) for i in range(len(per_image))]
-        requests = [self.core.make_request(prompt, p, rid) for p, rid in zip(per_image, ids)]
-        for request in requests:
-            request.client = client
+        user_ids = [request_id]
+        if len(per_image) > 1:
+            user_ids = [sub_request_id(request_id, i) for i in range(len(per_image))]
+        # The engine knows each request by an id of this incarnation only: outputs of an earlier
+        # request under the same user id (aborted, its last step still running) cannot reach
+        # this one's stream.
+        engine_ids = [f"{uid}@{next(self._incarnations)}" for uid in user_ids]
+        requests = [self.core.make_request(prompt, p, eid) for p, eid in zip(per_image, engine_ids)]
         streams = []
-        for request in requests:
-            if request.request_id in self._streams:
-                raise ValueError(f"request_id {request.request_id!r} is already in flight")
-        for request in requests:
+        self._live[request_id] = engine_ids
+        for request, uid in zip(requests, user_ids):
+            request.client = client
             stream = RequestStream(asyncio.get_running_loop())
             self._streams[request.request_id] = stream
+            self._user_ids[request.request_id] = uid
             self._inputs.put(("add", request))
             streams.append(stream)
-        if len(ids) > 1:
-            self._groups[request_id] = ids
-        finished = [False] * len(ids)
+        finished = [False] * len(engine_ids)
         try:
             async for output in _merged(request_id, streams, finished, params):
                 if output.finished:
                     attach_generation_info(output, fields, params, self.model)
                     # The id is free once its final output is out, even if the caller never
                     # asks for more (the generator would only end at its next __anext__).
-                    self._forget(request_id, ids, streams, finished)
+                    self._forget(request_id, engine_ids, streams, finished)
                 yield output
         finally:
-            self._forget(request_id, ids, streams, finished)
+            self._forget(request_id, engine_ids, streams, finished)
 
-    def _forget(self, request_id: str, ids: list[str], streams: list[RequestStream], finished: list[bool]) -> None:
+    def _forget(
+        self, request_id: str, engine_ids: list[str], streams: list[RequestStream], finished: list[bool]
+    ) -> None:
         """Stop tracking a request's streams and abort its images that have not finished."""
-        self._groups.pop(request_id, None)
-        for k, (rid, stream) in enumerate(zip(ids, streams)):
-            if self._streams.get(rid) is stream:
-                del self._streams[rid]
+        if self._live.get(request_id) is engine_ids:
+            del self._live[request_id]
+        for k, (eid, stream) in enumerate(zip(engine_ids, streams)):
+            if self._streams.get(eid) is stream:
+                del self._streams[eid]
+            self._user_ids.pop(eid, None)
             if not finished[k]:
                 finished[k] = True
-                self._inputs.put(("abort", rid))
+                self._inputs.put(("abort", eid))
 
     async def abort(self, request_id: str) -> None:
         """End a request now: its stream yields a final output with error "request aborted"."""
-        for rid in self._groups.get(request_id, [request_id]):
-            stream = self._streams.pop(rid, None)
+        for eid in self._live.pop(request_id, []):
+            stream = self._streams.pop(eid, None)
             if stream is None:
                 continue
-            self._inputs.put(("abort", rid))
-            stream.put(RequestOutput(rid, 0, 0, finished=True, error="request aborted"))
+            self._inputs.put(("abort", eid))
+            stream.put(RequestOutput(self._user_ids.get(eid, request_id), 0, 0, finished=True, error="request aborted"))
 
     async def worker_state_ids(self) -> list[str]:
         """Request ids the workers still hold state for, read between steps once no batch is in
@@ -200,16 +211,31 @@ class AsyncEngine:
                 self.core.abort(item)
 
     def _answer_queries(self) -> None:
-        ids = self.core.executor.state_ids()
+        ids = sorted(self._user_facing(wire_id) for wire_id in self.core.executor.state_ids())
         for future in self._queries:
             future.get_loop().call_soon_threadsafe(_resolve, future, ids)
         self._queries = []
+
+    def _user_facing(self, wire_id: str) -> str:
+        """The user's id for a worker-side id: "<user id>@<incarnation>", with "#<n>" appended
+        when the scheduler had to make it unique on the wire."""
+        engine_id = wire_id
+        head, sep, tail = wire_id.rpartition("#")
+        if sep and tail.isdigit() and "@" in head:
+            engine_id = head
+        user_id = self._user_ids.get(engine_id)
+        if user_id is None:  # its request has ended (state the workers should have freed)
+            head, sep, tail = engine_id.rpartition("@")
+            user_id = head if sep and tail.isdigit() else engine_id
+        return user_id
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         """Hand outputs to their consumers' event loops, one wake-up per loop per step."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
+            user_id = self._user_ids.get(output.request_id, output.request_id)
             stream = self._streams.get(output.request_id)
+            output.request_id = user_id
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, output))
         for loop, items in by_loop.items():

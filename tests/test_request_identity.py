@@ -75,3 +75,42 @@ async def test_an_id_is_free_as_soon_as_its_final_output_is_out(qwen_dir):
                 out = await stream.__anext__()
             assert out.error is None and len(out.images) == 1
         assert await engine.worker_state_ids() == []
+
+
+@pytest.mark.parametrize("executor", ["inproc", "mp"])
+async def test_an_abort_storm_with_reused_ids_never_crosses_outputs(qwen_dir, executor):
+    """Ten ids, each reused by twelve requests in a row, half aborted at a random point and the
+    id resubmitted at once. A request aborted while its last step ran used to deliver that
+    step's final image to the next request under its id (which then also found the id "in
+    flight"): every finished image must be its own prompt's and seed's."""
+    import asyncio
+    import random
+
+    rng = random.Random(0)
+    cases = [(f"a storm prompt {i}", 100 + i) for i in range(6)]
+    params = {seed: SamplingParams(num_inference_steps=3, seed=seed, output_type="np") for _, seed in cases}
+    async with AsyncEngine(model=str(qwen_dir), executor=executor, max_num_seqs=8) as engine:
+        expected = {case: await _final(engine, case[0], params[case[1]], f"alone-{case[1]}") for case in cases}
+        outcomes = []
+
+        async def lane(k: int) -> None:
+            for _ in range(12):
+                prompt, seed = case = cases[rng.randrange(len(cases))]
+                stream = engine.generate(prompt, params[seed], request_id=f"storm-{k}")
+                out = await stream.__anext__()
+                if rng.random() < 0.5 and not out.finished:
+                    await asyncio.sleep(rng.random() * 0.05)
+                    await engine.abort(f"storm-{k}")
+                    await stream.aclose()
+                    continue
+                while not out.finished:
+                    out = await stream.__anext__()
+                await stream.aclose()
+                outcomes.append((case, out))
+
+        await asyncio.gather(*(lane(k) for k in range(10)))
+        assert await engine.worker_state_ids() == []
+    assert len(outcomes) > 20
+    for case, out in outcomes:
+        assert out.error is None, out.error
+        assert out.seed == case[1] and np.abs(out.images - expected[case]).max() < 1e-4, (case, out.seed)

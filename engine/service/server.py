@@ -435,9 +435,9 @@ class EngineServer:
             self._post(session.identity, Error(code="state", error=f"{type(exc).__name__}: {exc}", seq=seq))
             return
         # A session sees only its own requests, by the ids it chose (the engine's ids carry the
-        # session's namespace, and a "#n" suffix when an id was reused while its old state drained).
+        # session's namespace).
         prefix = f"{session.sid}:"
-        own = sorted({wid[len(prefix) :].split("#")[0] for wid in worker_ids if wid.startswith(prefix)})
+        own = sorted({wid[len(prefix) :] for wid in worker_ids if wid.startswith(prefix)})
         reply = StateReply(
             seq=seq,
             worker_request_ids=own,
