@@ -30,7 +30,11 @@ MISTAKES = [
     (["generate", "--executor", "gpu"], EXIT_USAGE, "argument --executor: invalid choice: 'gpu'"),
     (["generate", "--max-num-seqs", "0"], EXIT_USAGE, "EngineConfig.max_num_seqs must be an integer in [1, 4096]"),
     (["generate", "--class-label", "3"], EXIT_USAGE, "class_label is not an input of qwen-image models"),
-    (["export-preset", "no-such-preset", "/tmp/x"], EXIT_USAGE, "unknown preset 'no-such-preset'; presets: tiny-qwen"),
+    (
+        ["export-preset", "no-such-preset", "/tmp/x"],
+        EXIT_USAGE,
+        "unknown preset 'no-such-preset'; presets: digits-qwen-image, tiny-qwen-image",
+    ),
     (["export-preset", "tiny-dit", "/proc/forbidden"], EXIT_USAGE, "cannot write /proc/forbidden"),
     (["serve", "--address", "tcp://0.0.0.0:5555"], EXIT_USAGE, "--auth-token"),
     (["status", "--address", "ipc:///tmp/sw-nobody/x.sock", "--timeout", "0.5"], EXIT_FAILED, "no stepweave server"),
