@@ -422,7 +422,7 @@ def test_ipc_address_is_never_taken_from_a_running_server(server, capsys):
 def test_errors_for_clients_name_files_but_no_server_paths():
     import traceback
 
-    from engine.service.server import without_paths
+    from engine.service.protocol import without_paths
 
     try:
         msgspec.msgpack.decode(b"\xc1")

@@ -133,9 +133,10 @@ class StepScheduler:
         now = time.monotonic() if now is None else now
         by_client = self._running_by_client
         limit = self.max_num_seqs + self.max_paused
-        while self.waiting and len(self.running) < limit and self._fits(self.waiting.peek(by_client)):
-            if len(self.running) >= self.max_num_seqs and by_client[self.waiting.peek(by_client).client]:
-                break  # past the row cap only a client with nothing running gets in
+        while self.waiting and len(self.running) < limit:
+            head = self.waiting.peek(by_client)
+            if not self._fits(head) or (len(self.running) >= self.max_num_seqs and by_client[head.client]):
+                break  # no room, or past the row cap for a client that already has requests running
             request = self.waiting.popleft(by_client)
             self.running_memory += request.memory_bytes
             by_client[request.client] += 1

@@ -127,3 +127,33 @@ def load_public_key(key: str | bytes | Path) -> bytes:
     except (OSError, ValueError) as exc:
         raise ValueError(f"server_key must be a 40-character Z85 public key or a certificate file; {exc}") from None
     return public
+
+
+def ipc_path(address: str) -> Path | None:
+    return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
+
+
+def bind_local(sock: zmq.Socket, address: str) -> str:
+    """Bind `sock`; an ipc socket file is claimed first and created owner-only (no window in
+    which another user could connect). Returns the bound endpoint."""
+    path = ipc_path(address)
+    if path is None:
+        sock.bind(address)
+    else:
+        claim_ipc_path(address)
+        old = os.umask(0o177)
+        try:
+            sock.bind(address)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def remove_ipc_file(address: str) -> None:
+    path = ipc_path(address)
+    if path is not None:
+        try:
+            path.unlink()
+        except OSError:
+            pass

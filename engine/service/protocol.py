@@ -8,6 +8,7 @@ nothing a client sends carries arrays, so the server accepts exactly one small f
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -173,3 +174,13 @@ def from_wire(message: Output, images: Any) -> RequestOutput:
         if metrics is None
         else RequestMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
     )
+
+
+# An absolute path (two or more components): what a client sees of it is its last component.
+_PATH = re.compile(r"(?<![\w.~])(?:/[\w.+@~-]+)+/([\w.+@~-]+)")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute path cut to its file name: errors sent to clients name no
+    server paths (tracebacks and exception messages from workers included)."""
+    return _PATH.sub(r"\1", text)

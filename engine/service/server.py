@@ -20,8 +20,6 @@ import functools
 import hmac
 import itertools
 import logging
-import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -32,9 +30,9 @@ import zmq.asyncio
 
 from engine.async_engine import AsyncEngine
 from engine.contract.errors import EngineDeadError
-from engine.contract.sampling_params import OUTPUT_TYPES
+from engine.contract.request_fields import PROMPT_KEYS
 from engine.contract.wire import Decoder, Encoder, WireError
-from engine.service.address import check_bind_address, claim_ipc_path, default_address, load_server_keys
+from engine.service.address import bind_local, check_bind_address, default_address, load_server_keys, remove_ipc_file
 from engine.service.protocol import (
     MAX_CLIENT_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -53,18 +51,10 @@ from engine.service.protocol import (
     StateReply,
     Welcome,
     to_wire,
+    without_paths,
 )
 
 log = logging.getLogger("stepweave.server")
-
-# An absolute path (two or more components): what a client sees of it is its last component.
-_PATH = re.compile(r"(?<![\w.~])(?:/[\w.+@~-]+)+/([\w.+@~-]+)")
-
-
-def without_paths(text: str) -> str:
-    """`text` with every absolute path cut to its file name (what a client may see)."""
-    return _PATH.sub(r"\1", text)
-
 
 # Room for msgpack framing above max_message_bytes before zmq cuts a peer off.
 FRAME_SLACK_BYTES = 4096
@@ -153,12 +143,8 @@ class EngineServer:
             self._bind(self._socket)
             if self.curve_keys is not None:
                 log.info("CURVE encryption on; clients pin the server key %s", self.curve_keys[0].decode())
-            log.info(
-                "stepweave server ready: serving %s on %s (protocol %d)",
-                self.model,
-                self.bound_address,
-                PROTOCOL_VERSION,
-            )
+            ready = "stepweave server ready: serving %s on %s (protocol %d)"
+            log.info(ready, self.model, self.bound_address, PROTOCOL_VERSION)
             monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             tasks = [
                 asyncio.create_task(self._receive_loop()),
@@ -177,7 +163,8 @@ class EngineServer:
             await loop.run_in_executor(None, self.engine.shutdown)
             self._socket.close(linger=1000)  # let the last outputs and errors go out
             context.term()
-            self._remove_ipc_file()
+            if self.bound_address is not None:  # ours, not another server's
+                remove_ipc_file(self.address)
             log.info("stepweave server stopped; engine shut down")
 
     def _bind(self, sock: zmq.Socket) -> None:
@@ -191,29 +178,7 @@ class EngineServer:
         if self.curve_keys is not None:
             sock.curve_publickey, sock.curve_secretkey = self.curve_keys
             sock.curve_server = True
-        path = self._ipc_path()
-        if path is None:
-            sock.bind(self.address)
-        else:
-            claim_ipc_path(self.address)
-            old = os.umask(0o177)  # the socket file is created owner-only, no window for others
-            try:
-                sock.bind(self.address)
-            finally:
-                os.umask(old)
-            os.chmod(path, 0o600)
-        self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-    def _ipc_path(self) -> Path | None:
-        return Path(self.address[len("ipc://") :]) if self.address.startswith("ipc://") else None
-
-    def _remove_ipc_file(self) -> None:
-        path = self._ipc_path()
-        if path is not None and self.bound_address is not None:  # ours, not another server's
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        self.bound_address = bind_local(sock, self.address)
 
     async def _watch_engine(self) -> None:
         """A dead engine (a worker crashed) cannot serve again: stop with exit code 1, so that a
@@ -348,32 +313,21 @@ class EngineServer:
     # -- requests ----------------------------------------------------------------------------
     def _generate(self, session: Session, message: Generate) -> None:
         request_id = message.request_id
+        refusal = None
         if self._draining:
-            self._post(
-                session.identity,
-                Rejected(
-                    request_id=request_id,
-                    kind="shutting_down",
-                    error="server is shutting down; not taking new requests",
-                ),
-            )
+            refusal = "shutting_down", "server is shutting down; not taking new requests"
         elif request_id in session.requests:
-            self._post(
-                session.identity,
-                Rejected(
-                    request_id=request_id, kind="duplicate", error=f"request_id {request_id!r} is already in flight"
-                ),
-            )
+            refusal = "duplicate", f"request_id {request_id!r} is already in flight"
         elif len(session.requests) >= self.max_requests_per_client:
-            self._post(
-                session.identity,
-                Rejected(
-                    request_id=request_id,
-                    kind="overloaded",
-                    error=f"this client already has {len(session.requests)} requests in flight "
-                    f"(max_requests_per_client={self.max_requests_per_client})",
+            refusal = (
+                "overloaded",
+                (
+                    f"this client already has {len(session.requests)} requests in flight "
+                    f"(max_requests_per_client={self.max_requests_per_client})"
                 ),
             )
+        if refusal is not None:
+            self._post(session.identity, Rejected(request_id=request_id, kind=refusal[0], error=refusal[1]))
         else:
             session.requests[request_id] = asyncio.create_task(self._run_request(session, message))
 
@@ -381,17 +335,10 @@ class EngineServer:
         """Stream one request's outputs to its client. Images always come back as float arrays
         (one zero-copy frame); the client turns them into what the request asked for."""
         request_id, identity = message.request_id, session.identity
-        prompt = {
-            "prompt": message.prompt,
-            "negative_prompt": message.negative_prompt,
-            "class_label": message.class_label,
-        }
+        prompt = {key: getattr(message, key) for key in PROMPT_KEYS}
         started, outcome, steps = time.monotonic(), "aborted", 0
         try:
-            if message.params.output_type not in OUTPUT_TYPES:  # checked here: replaced just below
-                raise ValueError(
-                    f"SamplingParams.output_type must be one of {OUTPUT_TYPES}, got {message.params.output_type!r}"
-                )
+            message.params.validate()  # as the client sent them: output_type is replaced just below
             params = msgspec.structs.replace(message.params, output_type="np")
             stream = self.engine.generate(prompt, params, request_id=f"{session.sid}:{request_id}", client=session.sid)
             async for output in stream:
@@ -401,15 +348,12 @@ class EngineServer:
                     outcome = "aborted" if output.error == "request aborted" else outcome
                 if output.finished or message.stream:
                     self._post(identity, to_wire(output, request_id))
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # bad request, dead engine, engine shut down
             outcome = f"rejected: {exc}"
-            self._post(identity, Rejected(request_id=request_id, kind="invalid", error=str(exc)))
-        except EngineDeadError as exc:
-            outcome = f"rejected: {exc}"
-            self._post(identity, Rejected(request_id=request_id, kind="dead", error=str(exc)))
-        except RuntimeError as exc:  # the engine is shut down
-            outcome = f"rejected: {exc}"
-            self._post(identity, Rejected(request_id=request_id, kind="shutting_down", error=str(exc)))
+            kind = "invalid" if isinstance(exc, ValueError) else "dead"
+            if not isinstance(exc, (ValueError, EngineDeadError)):
+                kind = "shutting_down"
+            self._post(identity, Rejected(request_id=request_id, kind=kind, error=str(exc)))
         except Exception as exc:  # a bug here must still end the client's request, not hang it
             log.exception("request %s of session %s failed", request_id, session.sid)
             error = f"internal server error: {type(exc).__name__}: {exc}"
