@@ -41,8 +41,12 @@ else
   workload=(--num-requests 3 --steps 2 3 --max-num-seqs 2 --executor inproc)
 fi
 
+"$python" -c "import transformers, diffusers; print('transformers', transformers.__version__, '| diffusers', diffusers.__version__)"
+
+# A failing step is reported and the run goes on, so one short lease still yields every figure.
+failed=()
 echo "== CUDA tests"
-"$python" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+"$python" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py || failed+=("CUDA tests")
 
 for side in $sizes; do
   for load in open saturated; do
@@ -54,7 +58,12 @@ for side in $sizes; do
     echo "== throughput: $model ${side}x${side} $dtype on $device, $load"
     "$python" benchmarks/throughput.py --model "$model" --device "$device" --dtype "$dtype" \
       --height "$side" --width "$side" "${workload[@]}" "${rate[@]}" \
-      --json "$out/throughput_${side}_${load}.json" "${plot[@]}" 2>&1 | grep -v -e "Loading" -e "Writing model"
+      --json "$out/throughput_${side}_${load}.json" "${plot[@]}" 2>&1 | grep -v -e "Loading" -e "Writing model" \
+      || failed+=("throughput ${side} ${load}")
   done
 done
 echo "== wrote $(ls "$out" | wc -l) files to $out"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "== FAILED: ${failed[*]}"
+  exit 1
+fi
