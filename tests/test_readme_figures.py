@@ -159,6 +159,28 @@ def _client(reports) -> dict[str, list[str]]:
     return rows
 
 
+def _gpu(reports) -> dict[str, list[str]]:
+    """The GPU check's four throughput runs in one table: each against its own sequential baseline."""
+    rows = {}
+    for report in reports:
+        config, systems = report["config"], report["systems"]
+        base_run = systems["diffusers-sequential"]
+        base = base_run["throughput_rps"]
+        load = "all at once" if config["rate"] >= 1000 else "Poisson"
+        best = max(
+            (s for name, s in systems.items() if name.startswith("stepweave-")), key=lambda s: s["throughput_rps"]
+        )
+        rows[f"{config['height']}², {load}"] = [
+            f"{base:.2f} req/s",
+            _x(systems["diffusers-static"]["throughput_rps"] / base),
+            _x(systems["stepweave-8"]["throughput_rps"] / base),
+            _x(systems["stepweave-16"]["throughput_rps"] / base),
+            _x(_limit(report)),
+            " / ".join(f"{s['p50_latency_s']:.2f}" for s in (base_run, systems["diffusers-static"], best)) + " s",
+        ]
+    return rows
+
+
 def _mutations(reports) -> dict[str, list[str]]:
     (report,) = reports
     return {m["name"]: [m["path"], "caught" if m["caught"] else "MISSED"] for m in report["mutations"]}
@@ -210,6 +232,8 @@ def _expected(paths: list[str]) -> dict[str, list[str]]:
         return _parallel(reports, "cfg", "cfg_parallel_size")
     if name == "pipeline_parallel":
         return _parallel(reports, "pp", "pipeline_parallel_size")
+    if name.startswith("gpu_throughput_"):
+        return _gpu(reports)
     if name.startswith("throughput_tiny-"):
         return _tiny_adapter_models(reports)
     if name.startswith("throughput_"):
