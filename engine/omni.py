@@ -42,6 +42,7 @@ class Omni:
         parts: dict[int, list[RequestOutput | None]] = {}  # prompt index -> its images' final outputs
         where: dict[str, tuple[int, int]] = {}  # request id -> (prompt index, image index)
         submitted: list[tuple[int, SamplingParams]] = []
+        steps = 0  # what the bar counts: the steps each request really runs
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 try:
@@ -52,10 +53,10 @@ class Omni:
                     continue
                 parts[i] = [None] * len(requests)
                 for k, request in enumerate(requests):
+                    steps += request.num_steps
                     where[request.request_id] = (i, k)
                     self.core.add_request(request)
                 submitted.append((i, checked))
-            steps = sum(p.num_inference_steps * p.num_images_per_prompt for _, p in submitted)
             bar = GenerateProgress(len(submitted), steps, use_tqdm)
             self._run(where, parts, bar)
         except BaseException:

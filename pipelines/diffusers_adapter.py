@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from engine.contract.input_images import IMAGE_KEYS, to_pipeline_input
 from engine.contract.messages import NewRequest
 from engine.contract.sampling_params import MAX_SIDE
 from pipelines.forward_batching import TEXT_PADDING, ForwardCall, group_calls, run_group
@@ -58,6 +59,9 @@ FROM_REQUEST = {
     "width": "SamplingParams.width",
     "true_cfg_scale": "SamplingParams.true_cfg_scale",
     "guidance_scale": "SamplingParams.guidance_scale",
+    "strength": "SamplingParams.strength",
+    "image": "the prompt dict's image",
+    "mask_image": "the prompt dict's mask_image",
 }
 PIXELS_PER_TOKEN = 16  # VAE 8x times 2x2 patches, the layout of every supported transformer
 MAX_IMAGE_TOKENS = 16384  # 2048 x 2048: bounds one request's worker memory when the model sets no limit
@@ -119,6 +123,8 @@ class _ForwardProxy:
 
 class DiffusersAdapterPipeline(StepPipeline):
     name = "diffusers"
+    # Input images where the pipeline's __call__ takes them (check_request says which).
+    inputs = ("prompt", "negative_prompt", *IMAGE_KEYS)
     supports_cfg_parallel = False
     accepts_pipeline_args = True
     steps_whole_calls = True  # the runner steps it with advance(), not the hand-split contract
@@ -150,6 +156,7 @@ class DiffusersAdapterPipeline(StepPipeline):
         if fields["negative_prompt"] is not None and "negative_prompt" not in parameters:
             raise ValueError(f"negative_prompt is not an input of {info.pipeline_class}")
         check_text("negative_prompt", fields["negative_prompt"], required=False)
+        _check_image_inputs(info.pipeline_class, parameters, params, fields)
         for side in ("height", "width"):
             value = getattr(params, side)
             if value is not None and side not in parameters:
@@ -182,6 +189,25 @@ class DiffusersAdapterPipeline(StepPipeline):
     @classmethod
     def check_scheduler_choice(cls, info, params) -> None:
         check_scheduler(info.scheduler_config, params.scheduler, params.scheduler_config, info.flow)
+
+    @classmethod
+    def num_steps(cls, info, params) -> int:
+        """With `strength` (image-to-image, inpainting) the pipeline skips the first steps of
+        its schedule: counted as diffusers' `get_timesteps` counts them. The worker reports the
+        pipeline's own count (`_num_timesteps`) once it runs, so a scheduler that counts
+        otherwise corrects it."""
+        strength = params.strength
+        if strength is None:
+            strength = _strength_default(info.pipeline_type)
+        if strength is None:
+            return params.num_inference_steps
+        steps = steps_after_strength(params.num_inference_steps, strength)
+        if steps < 1:  # a strength so small that float rounding leaves nothing (diffusers raises)
+            raise ValueError(
+                f"SamplingParams.strength x num_inference_steps = {strength:g} x {params.num_inference_steps} "
+                "leaves no denoising step; raise either"
+            )
+        return steps
 
     # -- serving ---------------------------------------------------------------------------
     def __init__(self, pipe: Any, info: Any, device: torch.device):
@@ -237,6 +263,9 @@ class DiffusersAdapterPipeline(StepPipeline):
             "width": params.width or self.info.default_width,
             "true_cfg_scale": params.true_cfg_scale,
             "guidance_scale": params.guidance_scale,
+            "strength": params.strength,
+            "image": to_pipeline_input(request.image),
+            "mask_image": to_pipeline_input(request.mask_image),
         }
         kwargs = {k: v for k, v in wanted.items() if v is not None and k in self._parameters}
         kwargs.update(params.pipeline_args or {})
@@ -316,6 +345,31 @@ class DiffusersAdapterPipeline(StepPipeline):
             if state.aborted:
                 raise _Aborted()
         return {}
+
+
+def steps_after_strength(num_inference_steps: int, strength: float) -> int:
+    """The steps diffusers' img2img `get_timesteps` keeps (same float arithmetic, same rounding)."""
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    return num_inference_steps - int(max(num_inference_steps - init_timestep, 0))
+
+
+def _strength_default(pipe_cls: type) -> float | None:
+    parameter = inspect.signature(pipe_cls.__call__).parameters.get("strength")
+    return None if parameter is None or not isinstance(parameter.default, (int, float)) else float(parameter.default)
+
+
+def _check_image_inputs(pipeline_class: str, parameters: frozenset[str], params, fields: dict[str, Any]) -> None:
+    """Input images and strength only where the pipeline takes them; an image-to-image pipeline
+    (it takes `strength`) needs its image, an inpainting one its mask."""
+    for key in IMAGE_KEYS:
+        if fields.get(key) is not None and key not in parameters:
+            raise ValueError(f"prompt[{key!r}] is not an input of {pipeline_class} (its __call__ takes no {key})")
+    if params.strength is not None and "strength" not in parameters:
+        raise ValueError(f"SamplingParams.strength is not an input of {pipeline_class}")
+    if "strength" in parameters and fields.get("image") is None:
+        raise ValueError(f"prompt['image'] is required: {pipeline_class} starts from an input image")
+    if "mask_image" in parameters and fields.get("mask_image") is None:
+        raise ValueError(f"prompt['mask_image'] is required: {pipeline_class} repaints where the mask is white")
 
 
 @functools.lru_cache(maxsize=64)

@@ -52,6 +52,11 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
         cannot serve (the checks common to all families ran already)."""
 
     @classmethod
+    def num_steps(cls, info: ModelInfo, params: SamplingParams) -> int:
+        """Denoising steps the request runs (progress reports them; async scheduling plans by them)."""
+        return params.num_inference_steps
+
+    @classmethod
     def image_seq_len(cls, info: ModelInfo, params: SamplingParams) -> int:
         """Image tokens, where the schedule depends on them (flow-matching timestep shift)."""
         return 0

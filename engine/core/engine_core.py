@@ -21,10 +21,12 @@ import msgspec
 
 from engine.contract.config import EngineConfig
 from engine.contract.errors import EngineDeadError
+from engine.contract.input_images import check_input_images
 from engine.contract.messages import NewRequest, StepBatch
 from engine.contract.outputs import RequestOutput
 from engine.contract.request_fields import request_fields
 from engine.contract.sampling_params import MAX_SEED, SamplingParams
+from engine.contract.wire import Decoder, Encoder
 from engine.core.request import Request
 from engine.core.restart_policy import RestartPolicy
 from engine.core.scheduler import StepScheduler
@@ -117,10 +119,14 @@ class EngineCore:
     ) -> Request:
         """Validate a prompt and its parameters into a Request (ValueError names the field)."""
         params, fields = request_fields(prompt, params)
+        check_input_images(fields, self.config.max_input_pixels)
         self.model_info.validate(params, fields)
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = Request(request_id=request_id, params=params, seed=seed, **fields)
+        # The steps it will really run (image-to-image runs fewer, by strength): what progress
+        # reports and what async scheduling plans with.
+        request.num_steps = self.model_info.num_steps(params)
         _check_sendable(request)
         request.memory_bytes = self._request_memory(params)
         return request
@@ -255,7 +261,7 @@ def _check_sendable(request: Request) -> None:
     surrogate in a string, an object in scheduler_config) fails here, alone, instead of breaking
     the step batch that carries it and with it the engine."""
     try:
-        msgspec.msgpack.decode(msgspec.msgpack.encode(request.to_new_request()), type=NewRequest)
+        Decoder(NewRequest).decode(Encoder().encode(request.to_new_request()))  # arrays: zero-copy frames
     except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:
         raise ValueError(f"request cannot be sent to the workers: {exc}") from None
 
