@@ -30,7 +30,7 @@ class Encoder:
     def _enc_hook(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
             array = np.ascontiguousarray(obj)
-            self._frames.append(memoryview(array).cast("B"))
+            self._frames.append(memoryview(array).cast("B") if array.size else b"")  # no cast of a zero shape
             return {ARRAY_KEY: len(self._frames) - 1, "dtype": str(array.dtype), "shape": list(array.shape)}
         raise TypeError(f"cannot send {type(obj).__name__} over the wire")
 
