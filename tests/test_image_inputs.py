@@ -303,6 +303,40 @@ def test_models_without_image_inputs_refuse_them(_preset_cache):
             msgspec.structs.replace(SamplingParams(), strength=strength).validate()
 
 
+def test_memory_estimate_counts_the_sizes_the_pipeline_works_at(_preset_cache):
+    """Kontext generates at max_area (1024x1024 by default, whatever height and width say) and,
+    with _auto_resize, encodes its input at about 1024x1024: the admission estimate and the
+    token limit see those sizes, not the request's height and width."""
+    from pipelines.diffusers_adapter import AUTO_RESIZE_PIXELS
+    from pipelines.memory_estimate import read_vae_config, request_bytes
+
+    info = ModelInfo.load("tiny-flux-kontext")
+    image = picture(32, 48, 0)
+
+    def size(params, prompt):
+        from engine.contract.request_fields import request_fields
+
+        params, fields = request_fields(prompt, params)
+        info.validate(params, fields)
+        return info.family.working_size(info, params, fields)
+
+    assert size(SamplingParams(height=64, width=64), {"prompt": "x", "image": image}) == (
+        1024,
+        1024,
+        (AUTO_RESIZE_PIXELS,),
+    )
+    small = SamplingParams(height=32, width=48, pipeline_args=kontext_args(32, 48))
+    assert size(small, {"prompt": "x", "image": image}) == (32, 48, (32 * 48,))
+    assert size(small, "x") == (32, 48, ())
+    with pytest.raises(ValueError, match=r"pipeline_args\['max_area'\] must be an integer in \[256, 16777216\]"):
+        size(SamplingParams(pipeline_args={"max_area": "big"}), "x")
+    with pytest.raises(ValueError, match=r"2048x2048 \(the output's area is max_area.*16384 image tokens"):
+        size(SamplingParams(pipeline_args={"max_area": 2048 * 2048}), "x")
+    vae = read_vae_config(info.path)
+    alone = request_bytes(1024, 1024, info.transformer_config, vae)
+    assert request_bytes(1024, 1024, info.transformer_config, vae, input_pixels=(AUTO_RESIZE_PIXELS,)) > 2 * alone
+
+
 def test_input_bytes_are_capped_per_request():
     """All input images of one request together stay within MAX_INPUT_BYTES (checked on views
     that allocate nothing)."""

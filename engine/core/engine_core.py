@@ -128,22 +128,24 @@ class EngineCore:
         # reports and what async scheduling plans with.
         request.num_steps = self.model_info.num_steps(params)
         _check_sendable(request)
-        request.memory_bytes = self._request_memory(params)
+        request.memory_bytes = self._request_memory(params, fields)
         return request
 
-    def _request_memory(self, params: SamplingParams) -> int:
+    def _request_memory(self, params: SamplingParams, fields: dict) -> int:
         """The request's estimated activation memory; ValueError if it could never fit."""
         info = self.model_info
-        height = params.height or info.default_height or 1024
-        width = params.width or info.default_width or 1024
+        height, width, inputs = info.family.working_size(info, params, fields)
         element_bytes = 2 if self.config.dtype in ("bfloat16", "float16") else 4
-        need = request_bytes(height, width, info.transformer_config, self._vae_config, element_bytes)
+        need = request_bytes(
+            height, width, info.transformer_config, self._vae_config, element_bytes, input_pixels=inputs
+        )
         budget = self.scheduler.memory_budget
         if budget is not None and need > budget:
+            with_inputs = f" with {sum(inputs)} pixels of input images" if inputs else ""
             raise ValueError(
-                f"SamplingParams.height x width = {height}x{width} needs about {need / 2**20:.0f} MiB of activation "
-                f"memory, more than this engine's budget of {budget / 2**20:.0f} MiB (memory_budget_mb); "
-                "ask for a smaller image"
+                f"SamplingParams.height x width = {height}x{width}{with_inputs} needs about {need / 2**20:.0f} MiB "
+                f"of activation memory, more than this engine's budget of {budget / 2**20:.0f} MiB "
+                "(memory_budget_mb); ask for a smaller image"
             )
         return need
 
