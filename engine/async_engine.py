@@ -79,7 +79,7 @@ class AsyncEngine:
         # request under the same user id (aborted, its last step still running) cannot reach
         # this one's stream.
         engine_ids = [f"{uid}@{next(self._incarnations)}" for uid in user_ids]
-        requests = [self.core.make_request(prompt, p, eid) for p, eid in zip(per_image, engine_ids)]
+        requests = [self.core.make_request(fields, p, eid) for p, eid in zip(per_image, engine_ids)]
         streams = []
         self._live[request_id] = engine_ids
         for request, uid in zip(requests, user_ids):

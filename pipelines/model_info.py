@@ -129,6 +129,7 @@ class ModelInfo:
             )
         family.check_request(self, params, fields)
         family.check_scheduler_choice(self, params)
+        self.num_steps(params)  # a step count the pipeline would refuse (image-to-image) fails here
         if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and fields.get("negative_prompt") is None:
             if self.takes_true_cfg:
                 warn_once(

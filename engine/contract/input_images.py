@@ -129,10 +129,12 @@ def _one(where: str, value: Any, mask: bool) -> np.ndarray:
 
 
 def _owned(array: np.ndarray) -> np.ndarray:
-    """A contiguous array the caller cannot change after submission; read-only arrays (views of
-    frames received from the wire) are kept as they are, without a copy."""
+    """A contiguous array the caller cannot change after submission: a read-only copy, so that
+    normalizing it again (each image of num_images_per_prompt, the engine after a client) copies
+    nothing; read-only arrays (views of frames received from the wire) are kept as they are."""
     if array.flags.writeable or not array.flags.c_contiguous:
-        return np.array(array, order="C", copy=True)
+        array = np.array(array, order="C", copy=True)
+        array.flags.writeable = False
     return array
 
 
