@@ -26,7 +26,7 @@ for step in "${steps[@]}"; do
             python benchmarks/throughput.py --adapter --rate 1000 --json "$R/adapter_throughput_saturated.json" \
                 --plot docs/adapter_throughput_saturated.png ;;
         flux-sd3)
-            for model in tiny-flux tiny-sd3; do
+            for model in tiny-flux tiny-sd3 tiny-flux-img2img; do
                 python benchmarks/throughput.py --model "$model" --json "$R/throughput_$model.json" \
                     --plot "docs/throughput_$model.png"
             done ;;

@@ -11,6 +11,8 @@ prompt. The same requests, on the same weights, are served by:
 The baselines run on a simulated clock (a server that is idle jumps to the next arrival; compute
 durations are real), which gives them every benefit of the doubt. The CFG scale goes to the
 pipeline's `true_cfg_scale` where it has one (Qwen-Image, FLUX), else to `guidance_scale` (SD3).
+A pipeline that takes an input image (image-to-image, e.g. --model tiny-flux-img2img) gets one
+seeded picture of the output's size in every request, at the pipeline's default strength.
 Usage: python benchmarks/throughput.py [--model small-qwen-image] [--max-num-seqs 1 4 8 16] [--rate R] [--adapter]
 """
 
@@ -27,7 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,6 +46,8 @@ PROMPTS = [
 NEGATIVES = ["blurry", "low quality, jpeg artifacts", "dark, noisy"]
 CFG_SCALE = 4.0
 CFG_KEY = "true_cfg_scale"  # set in main() from the pipeline's signature
+# The input image of every request, for pipelines that take one (image-to-image); set in main().
+INPUT_IMAGE = None
 
 
 @dataclass
@@ -83,6 +89,7 @@ def _call(pipe, specs: list[Spec], size: tuple[int, int]) -> float:
         width=size[1],
         generator=[torch.Generator().manual_seed(s.seed) for s in specs],
         output_type="np",
+        **({} if INPUT_IMAGE is None else {"image": [INPUT_IMAGE] * len(specs)}),
     )
     return time.perf_counter() - t0
 
@@ -122,7 +129,10 @@ async def _serve_stepweave(engine, specs: list[Spec], size) -> list[Done]:
             output_type="np",
         )
         final = None
-        async for final in engine.generate({"prompt": spec.prompt, "negative_prompt": spec.negative}, params):
+        prompt = {"prompt": spec.prompt, "negative_prompt": spec.negative}
+        if INPUT_IMAGE is not None:
+            prompt["image"] = INPUT_IMAGE
+        async for final in engine.generate(prompt, params):
             pass
         if final.error:
             raise RuntimeError(final.error)
@@ -296,10 +306,12 @@ def main(argv=None, prog: str | None = None, parser_class: type = argparse.Argum
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(info.path), dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     options = {"device": args.device, "dtype": args.dtype}
-    global CFG_KEY
-    CFG_KEY = (
-        "true_cfg_scale" if "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters else "guidance_scale"
-    )
+    global CFG_KEY, INPUT_IMAGE
+    call_parameters = inspect.signature(type(pipe).__call__).parameters
+    CFG_KEY = "true_cfg_scale" if "true_cfg_scale" in call_parameters else "guidance_scale"
+    if "image" in call_parameters:  # image-to-image: one seeded picture of the output's size for every request
+        pixels = np.random.default_rng(args.seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+        INPUT_IMAGE = Image.fromarray(pixels)
     say("timing one request alone to set the arrival rate")
     probe = Spec(0, 0.0, min(args.steps), PROMPTS[0], NEGATIVES[0], 0)
     _call(pipe, [probe], size)  # warm-up

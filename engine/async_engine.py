@@ -79,7 +79,7 @@ class AsyncEngine:
         # request under the same user id (aborted, its last step still running) cannot reach
         # this one's stream.
         engine_ids = [f"{uid}@{next(self._incarnations)}" for uid in user_ids]
-        requests = [self.core.make_request(prompt, p, eid) for p, eid in zip(per_image, engine_ids)]
+        requests = [self.core.make_request(fields, p, eid) for p, eid in zip(per_image, engine_ids)]
         streams = []
         self._live[request_id] = engine_ids
         for request, uid in zip(requests, user_ids):
@@ -91,7 +91,7 @@ class AsyncEngine:
             streams.append(stream)
         finished = [False] * len(engine_ids)
         try:
-            async for output in _merged(request_id, streams, finished, params):
+            async for output in _merged(request_id, streams, finished, params, requests[0].num_steps):
                 if output.finished:
                     attach_generation_info(output, fields, params, self.model)
                     # The id is free once its final output is out, even if the caller never
@@ -246,7 +246,7 @@ class AsyncEngine:
 
 
 async def _merged(
-    request_id: str, streams: list[RequestStream], finished: list[bool], params: SamplingParams
+    request_id: str, streams: list[RequestStream], finished: list[bool], params: SamplingParams, num_steps: int
 ) -> AsyncIterator[RequestOutput]:
     """One request's outputs from its images' streams: each image's progress as the step all of
     them reached, then one final output (the first failure ends it at once)."""
@@ -274,7 +274,7 @@ async def _merged(
             if all(finished):
                 yield join_outputs(request_id, latest, params.output_type)  # type: ignore[arg-type]
             else:
-                yield progress_of(request_id, latest, params.num_inference_steps)
+                yield progress_of(request_id, latest, num_steps)
     finally:
         for task in waiting:
             task.cancel()

@@ -74,6 +74,12 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str = "tiny-
     )
     engine.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: float32")
     engine.add_argument("--compile", action="store_true", help="torch.compile the transformer (dynamic shapes)")
+    engine.add_argument(
+        "--max-input-pixels",
+        type=int,
+        default=EngineConfig().max_input_pixels,
+        help="pixels (height x width) one input image may have; larger ones are refused",
+    )
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -86,6 +92,7 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
+        max_input_pixels=args.max_input_pixels,
         **extra,
     )
 
@@ -114,6 +121,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace) -> tuple[Any, dict]:
+    from engine.cli_inputs import parse_pipeline_args, read_images
     from engine.contract.sampling_params import SamplingParams
 
     params = SamplingParams(
@@ -125,10 +133,15 @@ def _request(args: argparse.Namespace) -> tuple[Any, dict]:
         seed=args.seed,
         scheduler=args.scheduler,
         num_images_per_prompt=args.num_images,
+        strength=args.strength,
+        pipeline_args=parse_pipeline_args(args.pipeline_arg),
     )
     prompt: dict = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.class_label is not None:
         prompt = {"class_label": args.class_label}
+    for key, flag, paths in (("image", "--image", args.image), ("mask_image", "--mask", args.mask)):
+        if paths:
+            prompt[key] = read_images(flag, paths)
     return params, prompt
 
 
@@ -157,6 +170,23 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--scheduler", default=None, help="a diffusers scheduler class name (default: the model's)")
+    gen.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an input image file (image-to-image, editing); repeat for pipelines that take several",
+    )
+    gen.add_argument("--mask", action="append", metavar="PATH", help="a mask image file (inpainting: white repaints)")
+    gen.add_argument(
+        "--strength", type=float, default=None, help="image-to-image: how much of --image is noised away, in (0, 1]"
+    )
+    gen.add_argument(
+        "--pipeline-arg",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a further __call__ argument of an adapter-served pipeline (SamplingParams.pipeline_args; "
+        "VALUE as JSON), e.g. max_area=4096",
+    )
     gen.add_argument(
         "--output",
         default="out.png",

@@ -37,11 +37,13 @@ def output_paths(output: str, count: int) -> list[str]:
 def check_before_start(config: EngineConfig, prompt: Any, params: Any) -> None:
     """Every check the engine makes at submission, from the model's configs alone (no weights,
     no workers), plus the device check; ValueError names the field."""
+    from engine.contract.input_images import check_input_images
     from engine.contract.request_fields import request_fields
     from pipelines.model_info import ModelInfo
     from runner.devices import check_devices
 
     info = ModelInfo.load(config.model, adapter=config.diffusers_adapter)
     params, fields = request_fields(prompt, params)
+    check_input_images(fields, config.max_input_pixels)
     info.validate(params, fields)
     check_devices(config)

@@ -25,6 +25,7 @@ def generation_text(
         "steps": params.num_inference_steps,
         "true_cfg_scale": params.true_cfg_scale,
         "guidance_scale": params.guidance_scale,
+        "strength": params.strength,
         "scheduler": params.scheduler,
         "height": params.height,
         "width": params.width,

@@ -42,20 +42,23 @@ class Omni:
         parts: dict[int, list[RequestOutput | None]] = {}  # prompt index -> its images' final outputs
         where: dict[str, tuple[int, int]] = {}  # request id -> (prompt index, image index)
         submitted: list[tuple[int, SamplingParams]] = []
+        fields: dict[int, dict] = {}  # prompt index -> its normalized fields (input images as arrays, once)
+        steps = 0  # what the bar counts: the steps each request really runs
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 try:
                     checked = _checked(params)
-                    requests = [self.core.make_request(prompt, p) for p in split_images(checked)]
+                    fields[i] = normalize_prompt(prompt)
+                    requests = [self.core.make_request(fields[i], p) for p in split_images(checked)]
                 except ValueError as exc:
                     results[i] = failed_output(f"omni-rejected-{i}", f"ValueError: {exc}")
                     continue
                 parts[i] = [None] * len(requests)
                 for k, request in enumerate(requests):
+                    steps += request.num_steps
                     where[request.request_id] = (i, k)
                     self.core.add_request(request)
                 submitted.append((i, checked))
-            steps = sum(p.num_inference_steps * p.num_images_per_prompt for _, p in submitted)
             bar = GenerateProgress(len(submitted), steps, use_tqdm)
             self._run(where, parts, bar)
         except BaseException:
@@ -65,7 +68,7 @@ class Omni:
         for i, outputs in parts.items():
             params = params_list[i] if params_list[i] is not None else SamplingParams()
             output = join_outputs(outputs[0].request_id, outputs, params.output_type)  # type: ignore[arg-type]
-            attach_generation_info(output, normalize_prompt(prompts[i]), params, self.model)
+            attach_generation_info(output, fields[i], params, self.model)
             results[i] = output
         return results  # type: ignore[return-value]
 

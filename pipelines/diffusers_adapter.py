@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from engine.contract.input_images import IMAGE_KEYS, as_list, to_pipeline_input
 from engine.contract.messages import NewRequest
 from engine.contract.sampling_params import MAX_SIDE
 from pipelines.forward_batching import TEXT_PADDING, ForwardCall, group_calls, run_group
@@ -58,8 +59,13 @@ FROM_REQUEST = {
     "width": "SamplingParams.width",
     "true_cfg_scale": "SamplingParams.true_cfg_scale",
     "guidance_scale": "SamplingParams.guidance_scale",
+    "strength": "SamplingParams.strength",
+    "image": "the prompt dict's image",
+    "mask_image": "the prompt dict's mask_image",
 }
 PIXELS_PER_TOKEN = 16  # VAE 8x times 2x2 patches, the layout of every supported transformer
+# The largest of FLUX Kontext's preferred resolutions (1568x672), which `_auto_resize` picks from.
+AUTO_RESIZE_PIXELS = 1568 * 672
 MAX_IMAGE_TOKENS = 16384  # 2048 x 2048: bounds one request's worker memory when the model sets no limit
 
 
@@ -119,6 +125,8 @@ class _ForwardProxy:
 
 class DiffusersAdapterPipeline(StepPipeline):
     name = "diffusers"
+    # Input images where the pipeline's __call__ takes them (check_request says which).
+    inputs = ("prompt", "negative_prompt", *IMAGE_KEYS)
     supports_cfg_parallel = False
     accepts_pipeline_args = True
     steps_whole_calls = True  # the runner steps it with advance(), not the hand-split contract
@@ -150,6 +158,7 @@ class DiffusersAdapterPipeline(StepPipeline):
         if fields["negative_prompt"] is not None and "negative_prompt" not in parameters:
             raise ValueError(f"negative_prompt is not an input of {info.pipeline_class}")
         check_text("negative_prompt", fields["negative_prompt"], required=False)
+        _check_image_inputs(info.pipeline_class, parameters, params, fields)
         for side in ("height", "width"):
             value = getattr(params, side)
             if value is not None and side not in parameters:
@@ -158,15 +167,18 @@ class DiffusersAdapterPipeline(StepPipeline):
                 raise ValueError(
                     f"SamplingParams.{side} must be a multiple of {PIXELS_PER_TOKEN} in [16, {MAX_SIDE}], got {value}"
                 )
-        height, width = params.height or info.default_height, params.width or info.default_width
-        if height and width:
-            tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
-            limit = int(info.scheduler_config.get("max_image_seq_len") or MAX_IMAGE_TOKENS)
-            if tokens > limit:
-                raise ValueError(
-                    f"SamplingParams.height x width = {height}x{width} gives {tokens} image tokens; this model "
-                    f"allows at most {limit} (height/16 * width/16)"
-                )
+        area = (params.pipeline_args or {}).get("max_area")
+        if area is not None and (isinstance(area, bool) or not isinstance(area, int) or not 256 <= area <= MAX_SIDE**2):
+            raise ValueError(f"SamplingParams.pipeline_args['max_area'] must be an integer in [256, {MAX_SIDE**2}]")
+        height, width, _ = cls.working_size(info, params, fields)
+        tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+        limit = int(info.scheduler_config.get("max_image_seq_len") or MAX_IMAGE_TOKENS)
+        if tokens > limit:
+            given = "" if "max_area" not in parameters else " (the output's area is max_area, diffusers' 1024x1024)"
+            raise ValueError(
+                f"SamplingParams.height x width = {height}x{width}{given} gives {tokens} image tokens; this model "
+                f"allows at most {limit} (height/16 * width/16)"
+            )
         for name in params.pipeline_args or {}:
             if name in ENGINE_CONTROLLED:
                 raise ValueError(f"SamplingParams.pipeline_args: {name!r} is set by the engine")
@@ -182,6 +194,41 @@ class DiffusersAdapterPipeline(StepPipeline):
     @classmethod
     def check_scheduler_choice(cls, info, params) -> None:
         check_scheduler(info.scheduler_config, params.scheduler, params.scheduler_config, info.flow)
+
+    @classmethod
+    def working_size(cls, info, params, fields) -> tuple[int, int, tuple]:
+        """The output size as the pipeline computes it (FLUX Kontext scales height x width to
+        `max_area`, keeping their ratio), and the input images' pixels as it encodes them
+        (Kontext's `_auto_resize` scales each to a preferred resolution of about 1024x1024)."""
+        height = params.height or info.default_height or 1024
+        width = params.width or info.default_width or 1024
+        parameters, args = _call_parameters(info.pipeline_type), params.pipeline_args or {}
+        if "max_area" in parameters:
+            area, ratio = args.get("max_area", _default(info.pipeline_type, "max_area")), width / height
+            width = round((area * ratio) ** 0.5) // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+            height = round((area / ratio) ** 0.5) // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+        resized = "_auto_resize" in parameters and args.get("_auto_resize", True) is not False
+        inputs = tuple(AUTO_RESIZE_PIXELS if resized else a.shape[0] * a.shape[1] for a in as_list(fields.get("image")))
+        return height, width, inputs
+
+    @classmethod
+    def num_steps(cls, info, params) -> int:
+        """With `strength` (image-to-image, inpainting) the pipeline skips the first steps of
+        its schedule: counted as diffusers' `get_timesteps` counts them. The worker reports the
+        pipeline's own count (`_num_timesteps`) once it runs, so a scheduler that counts
+        otherwise corrects it."""
+        strength = params.strength
+        if strength is None and "strength" in _call_parameters(info.pipeline_type):
+            strength = float(_default(info.pipeline_type, "strength"))
+        if strength is None:
+            return params.num_inference_steps
+        steps = steps_after_strength(params.num_inference_steps, strength)
+        if steps < 1:  # a strength so small that float rounding leaves nothing (diffusers raises)
+            raise ValueError(
+                f"SamplingParams.strength x num_inference_steps = {strength:g} x {params.num_inference_steps} "
+                "leaves no denoising step; raise either"
+            )
+        return steps
 
     # -- serving ---------------------------------------------------------------------------
     def __init__(self, pipe: Any, info: Any, device: torch.device):
@@ -237,6 +284,9 @@ class DiffusersAdapterPipeline(StepPipeline):
             "width": params.width or self.info.default_width,
             "true_cfg_scale": params.true_cfg_scale,
             "guidance_scale": params.guidance_scale,
+            "strength": params.strength,
+            "image": to_pipeline_input(request.image),
+            "mask_image": to_pipeline_input(request.mask_image),
         }
         kwargs = {k: v for k, v in wanted.items() if v is not None and k in self._parameters}
         kwargs.update(params.pipeline_args or {})
@@ -316,6 +366,31 @@ class DiffusersAdapterPipeline(StepPipeline):
             if state.aborted:
                 raise _Aborted()
         return {}
+
+
+def steps_after_strength(num_inference_steps: int, strength: float) -> int:
+    """The steps diffusers' img2img `get_timesteps` keeps (same float arithmetic, same rounding)."""
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    return num_inference_steps - int(max(num_inference_steps - init_timestep, 0))
+
+
+def _default(pipe_cls: type, name: str) -> Any:
+    """The default of one of the pipeline's __call__ arguments."""
+    return inspect.signature(pipe_cls.__call__).parameters[name].default
+
+
+def _check_image_inputs(pipeline_class: str, parameters: frozenset[str], params, fields: dict[str, Any]) -> None:
+    """Input images and strength only where the pipeline takes them; an image-to-image pipeline
+    (it takes `strength`) needs its image, an inpainting one its mask."""
+    for key in IMAGE_KEYS:
+        if fields.get(key) is not None and key not in parameters:
+            raise ValueError(f"prompt[{key!r}] is not an input of {pipeline_class} (its __call__ takes no {key})")
+    if params.strength is not None and "strength" not in parameters:
+        raise ValueError(f"SamplingParams.strength is not an input of {pipeline_class}")
+    if "strength" in parameters and fields.get("image") is None:
+        raise ValueError(f"prompt['image'] is required: {pipeline_class} starts from an input image")
+    if "mask_image" in parameters and fields.get("mask_image") is None:
+        raise ValueError(f"prompt['mask_image'] is required: {pipeline_class} repaints where the mask is white")
 
 
 @functools.lru_cache(maxsize=64)

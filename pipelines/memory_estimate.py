@@ -48,16 +48,21 @@ def request_bytes(
     vae: dict[str, Any],
     element_bytes: int = 4,
     rows: int = 2,
+    input_pixels: tuple[int, ...] = (),
 ) -> int:
-    """Upper estimate of the activation bytes one request of this size needs at its peak."""
+    """Upper estimate of the activation bytes one request of this size needs at its peak.
+    `input_pixels`: the input images as the pipeline encodes them (pixels each); their latent
+    tokens are counted beside the output's (editing pipelines append them; image-to-image ones
+    do not, so this bounds them from above), and each one's VAE encode like a decode."""
     stages = vae_stages(vae)
     scale = 2 ** (len(stages) - 1)
-    latent_pixels = (height // scale) * (width // scale)
+    latent_pixels = (height // scale) * (width // scale) + sum(p // scale**2 for p in input_pixels)
     patch = int(transformer.get("patch_size", 2))
     heads = int(transformer.get("num_attention_heads", 16))
     inner = heads * int(transformer.get("attention_head_dim", 64)) or int(transformer.get("hidden_size", 1024))
     tokens = latent_pixels // (patch * patch) + MAX_TEXT_TOKENS
     forward = rows * (tokens * inner * HIDDEN_COPIES + heads * tokens * tokens) * element_bytes
-    feature_maps = max(channels * (height * width) // 4**i for i, channels in enumerate(stages))
+    largest = max([height * width, *input_pixels])
+    feature_maps = max(channels * largest // 4**i for i, channels in enumerate(stages))
     decode = feature_maps * FEATURE_COPIES * element_bytes
     return max(forward, decode)

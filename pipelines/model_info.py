@@ -120,6 +120,8 @@ class ModelInfo:
         for key, value in fields.items():
             if value is not None and key not in family.inputs:
                 raise ValueError(f"{key} is not an input of {family.name} models; they take {', '.join(family.inputs)}")
+        if params.strength is not None and "image" not in family.inputs:
+            raise ValueError(f"SamplingParams.strength is for image-to-image pipelines; {family.name} models take none")
         if params.pipeline_args and not family.accepts_pipeline_args:
             raise ValueError(
                 f"SamplingParams.pipeline_args is for pipelines served through the diffusers adapter; "
@@ -127,12 +129,17 @@ class ModelInfo:
             )
         family.check_request(self, params, fields)
         family.check_scheduler_choice(self, params)
+        self.num_steps(params)  # a step count the pipeline would refuse (image-to-image) fails here
         if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and fields.get("negative_prompt") is None:
             if self.takes_true_cfg:
                 warn_once(
                     "true_cfg_scale > 1 has no effect without a negative prompt: "
                     f"{self.pipeline_class} runs true CFG only with one (as diffusers does)"
                 )
+
+    def num_steps(self, params: SamplingParams) -> int:
+        """Denoising steps the request really runs (fewer than asked for image-to-image)."""
+        return self.family.num_steps(self, params)
 
     @property
     def takes_true_cfg(self) -> bool:

@@ -52,6 +52,17 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
         cannot serve (the checks common to all families ran already)."""
 
     @classmethod
+    def working_size(cls, info: ModelInfo, params: SamplingParams, fields: dict[str, Any]) -> tuple[int, int, tuple]:
+        """(height, width) the request generates at, and the pixels of each input image as the
+        pipeline encodes it: what its memory estimate counts."""
+        return params.height or info.default_height or 1024, params.width or info.default_width or 1024, ()
+
+    @classmethod
+    def num_steps(cls, info: ModelInfo, params: SamplingParams) -> int:
+        """Denoising steps the request runs (progress reports them; async scheduling plans by them)."""
+        return params.num_inference_steps
+
+    @classmethod
     def image_seq_len(cls, info: ModelInfo, params: SamplingParams) -> int:
         """Image tokens, where the schedule depends on them (flow-matching timestep shift)."""
         return 0

@@ -68,7 +68,7 @@ def worker_main(config: WorkerConfig) -> None:
     results = context.socket(zmq.PUSH)
     results.setsockopt(zmq.LINGER, 1000)
     results.connect(config.result_address)
-    encoder, decoder = Encoder(), Decoder(ToWorker)
+    encoder, decoder = Encoder(), Decoder(ToWorker, max_frames=1 << 20)  # the engine: one frame per input image
     try:
         runner, reports_results = _build_runner(config)
     except BaseException:

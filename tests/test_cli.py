@@ -103,3 +103,32 @@ def test_unsupported_and_broken_directories_are_clear_errors(tmp_path, capsys):
     (broken / "model_index.json").write_text("{not json")
     assert main(["generate", "--model", str(broken), "--executor", "inproc"]) == 2
     assert "model directory is broken" in capsys.readouterr().err
+
+
+def test_generate_reads_input_images(tmp_path, capsys):
+    """--image and --strength (image-to-image), --pipeline-arg: the written image is the one
+    diffusers gives for the same file, and the run reports the steps that strength leaves."""
+    import torch
+
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source)
+    directory = tmp_path / "img2img"
+    assert main(["export-preset", "tiny-flux-img2img", str(directory)]) == 0
+    out = tmp_path / "out.png"
+    args = ["--model", str(directory), "--executor", "inproc", "--steps", "5", "--height", "64", "--width", "64"]
+    args += ["--image", str(source), "--strength", "0.5", "--pipeline-arg", "max_sequence_length=32"]
+    assert main(["generate", "--prompt", "a fox", *args, "--seed", "3", "--output", str(out)]) == 0
+    assert "(3 steps, seed 3," in capsys.readouterr().out and Image.open(out).text["strength"] == "0.5"
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(directory))
+    expected = pipe(
+        prompt="a fox",
+        image=Image.open(source),
+        strength=0.5,
+        num_inference_steps=5,
+        height=64,
+        width=64,
+        max_sequence_length=32,
+        generator=torch.Generator().manual_seed(3),
+    ).images[0]
+    diff = np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(expected, dtype=int))
+    assert diff.max() <= 1  # one unit of PNG rounding

@@ -30,6 +30,10 @@ MISTAKES = [
     (["generate", "--executor", "gpu"], EXIT_USAGE, "argument --executor: invalid choice: 'gpu'"),
     (["generate", "--max-num-seqs", "0"], EXIT_USAGE, "EngineConfig.max_num_seqs must be an integer in [1, 4096]"),
     (["generate", "--class-label", "3"], EXIT_USAGE, "class_label is not an input of qwen-image models"),
+    (["generate", "--image", "/nonexistent/in.png"], EXIT_USAGE, "--image '/nonexistent/in.png': no such file"),
+    (["generate", "--image", __file__], EXIT_USAGE, "not an image file PIL can read"),
+    (["generate", "--strength", "1.5"], EXIT_USAGE, "SamplingParams.strength must be a number in (0, 1]"),
+    (["generate", "--pipeline-arg", "oops"], EXIT_USAGE, "--pipeline-arg 'oops': expected NAME=VALUE"),
     (
         ["export-preset", "no-such-preset", "/tmp/x"],
         EXIT_USAGE,

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import AsyncEngineClient, EngineClient, Omni, SamplingParams, ServerUnavailableError
+from engine.contract.input_images import MAX_INPUT_BYTES
 from engine.service.address import claim_ipc_path
 from engine.service.protocol import (
     MAX_CLIENT_MESSAGE_BYTES,
@@ -366,8 +367,8 @@ def test_fuzzed_and_malformed_messages_get_errors_and_the_server_keeps_serving(s
         greeted.send(Abort("twice"))
         greeted.send_raw([b"\x00" * (MAX_CLIENT_MESSAGE_BYTES + 1)])
         assert greeted.recv_until(Error).code == "oversize"
-        # far over the limit: zmq cuts the peer off before buffering it; its session ends
-        greeted.send_raw([b"\x00" * (8 * MAX_CLIENT_MESSAGE_BYTES)])
+        # far over the largest frame (an input image's): zmq cuts the peer off before buffering it
+        greeted.send_raw([b"\x00" * (MAX_INPUT_BYTES + 8 * MAX_CLIENT_MESSAGE_BYTES)])
         deadline = time.monotonic() + 10
         while True:  # the DEALER reconnects as a new peer, which the server does not know
             greeted.send(Ping(2))

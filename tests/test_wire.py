@@ -32,6 +32,29 @@ def test_images_travel_as_separate_frames_and_arrive_equal():
     assert np.array_equal(decoded.outputs[0].image, image)
 
 
+def test_input_images_of_new_requests_travel_as_frames_single_or_listed():
+    """A new request's image (one array, or a list of them) and mask: one frame each, equal on
+    arrival; a frame cut short of its shape, or of a whole item, is a WireError."""
+    rng = np.random.default_rng(1)
+    uint8, floats = rng.integers(0, 256, (6, 4, 3), dtype=np.uint8), rng.random((5, 7, 3), dtype=np.float32)
+    request = NewRequest(
+        request_id="a", params=SamplingParams(), prompt="p", image=[uint8, floats], mask_image=uint8[:, :, 0]
+    )
+    frames = Encoder().encode(StepBatch(step_id=1, new=[request]))
+    assert len(frames) == 4 and [len(bytes(f)) for f in frames[1:]] == [uint8.nbytes, floats.nbytes, 24]
+    (decoded,) = Decoder(ToWorker).decode(frames).new
+    assert np.array_equal(decoded.image[0], uint8) and np.array_equal(decoded.image[1], floats)
+    assert np.array_equal(decoded.mask_image, uint8[:, :, 0]) and decoded.image[1].dtype == np.float32
+    empty = Encoder().encode(
+        StepBatch(step_id=2, new=[NewRequest(request_id="b", params=SamplingParams(), image=uint8[:0])])
+    )
+    assert Decoder(ToWorker).decode(empty).new[0].image.shape == (0, 4, 3)
+    for cut in (bytes(frames[1])[:10], bytes(frames[2])[:7]):
+        index = 1 if len(cut) == 10 else 2
+        with pytest.raises(WireError):
+            Decoder(ToWorker).decode([*frames[:index], cut, *frames[index + 1 :]])
+
+
 @pytest.mark.parametrize(
     "ref",
     [

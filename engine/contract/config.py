@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 
+from engine.contract.input_images import MAX_INPUT_PIXELS
+
 EXECUTORS = ("mp", "inproc")
 DTYPES = ("bfloat16", "float16", "float32")
 MAX_RANKS_PER_AXIS = 16
@@ -102,6 +104,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # sits a step out keeps its state on the workers). 0: no pausing (pure FCFS within the cap).
     # Not with pipeline parallelism. `stepweave serve` sets 4.
     max_paused: int = 0
+    # Pixels (height x width) one input image of a request may have (image-to-image, editing);
+    # larger ones are refused at submission.
+    max_input_pixels: int = 2048 * 2048
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -138,6 +143,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"EngineConfig.diffusers_adapter must be true or false, got {self.diffusers_adapter!r}")
         _int_at_least("max_worker_restarts", self.max_worker_restarts, 0, MAX_WORKER_RESTARTS)
         _int_at_least("max_paused", self.max_paused, 0, MAX_NUM_SEQS)
+        _int_at_least("max_input_pixels", self.max_input_pixels, 1, MAX_INPUT_PIXELS)
         if self.memory_budget_mb is not None:
             _int_at_least("memory_budget_mb", self.memory_budget_mb, 1, 1 << 40)
 

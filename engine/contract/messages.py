@@ -3,7 +3,8 @@
 The same Structs are used by the in-process executor and, encoded with msgpack, on the ZeroMQ
 wire, so both executors see exactly the same batches. A step batch carries new requests in full,
 running ones by id, and the ids whose state the workers must drop. Images never ride inside a
-Struct: `StepOutput.image` is filled in-process, and on the wire it travels as a separate frame.
+Struct: `StepOutput.image` and a new request's input images are filled in-process, and on the
+wire each array travels as a separate frame.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class NewRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt: str | None = None
     negative_prompt: str | None = None
     class_label: int | None = None
+    # Input images (engine/contract/input_images.py): a uint8 or float32 array, or a list of
+    # them; never encoded by msgspec, the wire sends each as an extra frame.
+    image: Any = None
+    mask_image: Any = None
     seed: int = 0  # resolved by the engine, so every rank draws the same noise
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from engine.contract.input_images import IMAGE_KEYS, check_input_images, normalize_images
 from engine.contract.sampling_params import SamplingParams
 
 # Every input a prompt dict may carry; each model family says which of them it takes.
-PROMPT_KEYS = ("prompt", "negative_prompt", "class_label")
+PROMPT_KEYS = ("prompt", "negative_prompt", "class_label", *IMAGE_KEYS)
 
 
 def request_fields(prompt: str | dict | None, params: SamplingParams | None) -> tuple[SamplingParams, dict]:
@@ -24,14 +25,19 @@ def request_fields(prompt: str | dict | None, params: SamplingParams | None) -> 
 
 
 def normalize_prompt(prompt: str | dict | None) -> dict[str, Any]:
-    """A string, or a dict with some of PROMPT_KEYS -> every key of PROMPT_KEYS (None if absent)."""
+    """A string, or a dict with some of PROMPT_KEYS -> every key of PROMPT_KEYS (None if absent);
+    input images become arrays within the limits of input_images.py."""
     if isinstance(prompt, str):
-        return {"prompt": prompt, "negative_prompt": None, "class_label": None}
+        return {key: prompt if key == "prompt" else None for key in PROMPT_KEYS}
     if isinstance(prompt, dict):
         unknown = sorted(set(prompt) - set(PROMPT_KEYS))
         if unknown:
             raise ValueError(f"prompt dict has unknown key(s) {unknown}; allowed: {list(PROMPT_KEYS)}")
-        return {key: prompt.get(key) for key in PROMPT_KEYS}
+        fields = {key: prompt.get(key) for key in PROMPT_KEYS}
+        for key in IMAGE_KEYS:
+            fields[key] = normalize_images(key, fields[key])
+        check_input_images(fields)
+        return fields
     raise ValueError(f"prompt must be a string or a dict with keys {list(PROMPT_KEYS)}, got {type(prompt).__name__}")
 
 

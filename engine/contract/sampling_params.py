@@ -54,6 +54,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     # Images for this prompt, diffusers' name. Image i is seeded with seed + i, so each one can
     # be reproduced alone (num_images_per_prompt=1, seed=seed + i); they may share step batches.
     num_images_per_prompt: int = 1
+    # Image-to-image and inpainting (diffusers' name): how much of the input image is noised
+    # away, in (0, 1]; the request runs int(num_inference_steps * strength) steps or so, exactly
+    # as the pipeline counts them. None: the pipeline's default (0.6 for FLUX's img2img).
+    strength: float | None = None
     # Further __call__ arguments of a pipeline served through the diffusers adapter, by their
     # diffusers names (e.g. {"max_sequence_length": 256}); checked against the pipeline class.
     pipeline_args: dict[str, PipelineArg] | None = None
@@ -90,6 +94,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
                     "SamplingParams.scheduler_config must be a mapping of scheduler option names to values, "
                     f"got {self.scheduler_config!r}"
                 )
+        if self.strength is not None:
+            ok = isinstance(self.strength, (int, float)) and not isinstance(self.strength, bool)
+            if not ok or not math.isfinite(self.strength) or not 0.0 < self.strength <= 1.0:
+                raise ValueError(f"SamplingParams.strength must be a number in (0, 1], got {self.strength!r}")
         if self.pipeline_args is not None:
             _check_pipeline_args(self.pipeline_args)
         if self.output_type not in OUTPUT_TYPES:

@@ -30,7 +30,7 @@ class Encoder:
     def _enc_hook(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
             array = np.ascontiguousarray(obj)
-            self._frames.append(memoryview(array).cast("B"))
+            self._frames.append(memoryview(array).cast("B") if array.size else b"")  # no cast of a zero shape
             return {ARRAY_KEY: len(self._frames) - 1, "dtype": str(array.dtype), "shape": list(array.shape)}
         raise TypeError(f"cannot send {type(obj).__name__} over the wire")
 
@@ -68,13 +68,20 @@ def _attach_arrays(message: Any, buffers: list[Any]) -> None:
     """Replace array references (dicts in `Any` fields) by arrays over the received buffers."""
     for field in getattr(message, "__struct_fields__", ()):
         value = getattr(message, field)
-        if isinstance(value, dict) and ARRAY_KEY in value:
+        if _is_ref(value):
             setattr(message, field, _array(value, buffers))
-        elif isinstance(value, list):
-            for item in value:
-                _attach_arrays(item, buffers)
+        elif isinstance(value, list):  # Structs, or arrays (a request's list of input images)
+            for i, item in enumerate(value):
+                if _is_ref(item):
+                    value[i] = _array(item, buffers)
+                else:
+                    _attach_arrays(item, buffers)
         elif isinstance(value, msgspec.Struct):
             _attach_arrays(value, buffers)
+
+
+def _is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and ARRAY_KEY in value
 
 
 def _array(ref: dict, buffers: list[Any]) -> np.ndarray:
@@ -83,7 +90,10 @@ def _array(ref: dict, buffers: list[Any]) -> np.ndarray:
         raise WireError(f"bad array reference {ref!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise WireError(f"bad array shape {shape!r}")
-    array = np.frombuffer(buffers[index], dtype=dtype)
+    try:
+        array = np.frombuffer(buffers[index], dtype=dtype)
+    except ValueError as exc:  # a frame cut short of a whole item
+        raise WireError(f"array frame {index} does not hold whole {dtype} items: {exc}") from None
     if array.size != int(np.prod(shape)):
         raise WireError(f"array frame holds {array.size} items, shape {shape} needs {int(np.prod(shape))}")
     return array.reshape(shape)

@@ -21,10 +21,12 @@ import msgspec
 
 from engine.contract.config import EngineConfig
 from engine.contract.errors import EngineDeadError
+from engine.contract.input_images import check_input_images
 from engine.contract.messages import NewRequest, StepBatch
 from engine.contract.outputs import RequestOutput
 from engine.contract.request_fields import request_fields
 from engine.contract.sampling_params import MAX_SEED, SamplingParams
+from engine.contract.wire import Decoder, Encoder
 from engine.core.request import Request
 from engine.core.restart_policy import RestartPolicy
 from engine.core.scheduler import StepScheduler
@@ -117,27 +119,33 @@ class EngineCore:
     ) -> Request:
         """Validate a prompt and its parameters into a Request (ValueError names the field)."""
         params, fields = request_fields(prompt, params)
+        check_input_images(fields, self.config.max_input_pixels)
         self.model_info.validate(params, fields)
         seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = Request(request_id=request_id, params=params, seed=seed, **fields)
+        # The steps it will really run (image-to-image runs fewer, by strength): what progress
+        # reports and what async scheduling plans with.
+        request.num_steps = self.model_info.num_steps(params)
         _check_sendable(request)
-        request.memory_bytes = self._request_memory(params)
+        request.memory_bytes = self._request_memory(params, fields)
         return request
 
-    def _request_memory(self, params: SamplingParams) -> int:
+    def _request_memory(self, params: SamplingParams, fields: dict) -> int:
         """The request's estimated activation memory; ValueError if it could never fit."""
         info = self.model_info
-        height = params.height or info.default_height or 1024
-        width = params.width or info.default_width or 1024
+        height, width, inputs = info.family.working_size(info, params, fields)
         element_bytes = 2 if self.config.dtype in ("bfloat16", "float16") else 4
-        need = request_bytes(height, width, info.transformer_config, self._vae_config, element_bytes)
+        need = request_bytes(
+            height, width, info.transformer_config, self._vae_config, element_bytes, input_pixels=inputs
+        )
         budget = self.scheduler.memory_budget
         if budget is not None and need > budget:
+            with_inputs = f" with {sum(inputs)} pixels of input images" if inputs else ""
             raise ValueError(
-                f"SamplingParams.height x width = {height}x{width} needs about {need / 2**20:.0f} MiB of activation "
-                f"memory, more than this engine's budget of {budget / 2**20:.0f} MiB (memory_budget_mb); "
-                "ask for a smaller image"
+                f"SamplingParams.height x width = {height}x{width}{with_inputs} needs about {need / 2**20:.0f} MiB "
+                f"of activation memory, more than this engine's budget of {budget / 2**20:.0f} MiB "
+                "(memory_budget_mb); ask for a smaller image"
             )
         return need
 
@@ -255,7 +263,7 @@ def _check_sendable(request: Request) -> None:
     surrogate in a string, an object in scheduler_config) fails here, alone, instead of breaking
     the step batch that carries it and with it the engine."""
     try:
-        msgspec.msgpack.decode(msgspec.msgpack.encode(request.to_new_request()), type=NewRequest)
+        Decoder(NewRequest).decode(Encoder().encode(request.to_new_request()))  # arrays: zero-copy frames
     except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:
         raise ValueError(f"request cannot be sent to the workers: {exc}") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.contract.messages import NewRequest
 from engine.contract.sampling_params import SamplingParams
@@ -30,6 +31,8 @@ class Request:
     prompt: str | None = None
     negative_prompt: str | None = None
     class_label: int | None = None
+    image: Any = None  # input images, as arrays (engine/contract/input_images.py)
+    mask_image: Any = None
     # Who asked (a server session; "" for the embedded front doors): admission takes turns
     # between clients.
     client: str = ""
@@ -60,5 +63,7 @@ class Request:
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             class_label=self.class_label,
+            image=self.image,
+            mask_image=self.mask_image,
             seed=self.seed,
         )

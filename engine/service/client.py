@@ -150,9 +150,7 @@ class AsyncEngineClient:
         params, fields = request_fields(prompt, params)
         message = Generate(request_id=wire_id, params=params, stream=stream, **fields)
         try:
-            frames = conn.encoder.encode(message)
-            if len(frames) != 1:
-                raise TypeError("arrays cannot be sent inside a request")
+            frames = conn.encoder.encode(message)  # input images: one zero-copy frame each
             self._check.decode(frames[0])
         except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:
             raise ValueError(f"request cannot be sent to the server: {exc}") from None

@@ -2,8 +2,9 @@
 
 Every message is one msgpack-encoded Struct of a tagged union, decoded with its type on both
 sides (never pickle). A client must open with `Hello` (protocol version, optional auth token)
-before anything else is served. Final images ride as extra zero-copy frames (engine/contract/wire.py);
-nothing a client sends carries arrays, so the server accepts exactly one small frame per message.
+before anything else is served. Final images ride as extra zero-copy frames (engine/contract/wire.py),
+and so do a request's input images (a `Generate` may carry up to 2 x MAX_INPUT_IMAGES of them,
+MAX_INPUT_BYTES in all); every other client message is one small frame.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from engine.contract.input_images import MAX_INPUT_BYTES, MAX_INPUT_IMAGES
 from engine.contract.outputs import RequestMetrics, RequestOutput
 from engine.contract.sampling_params import SamplingParams
 
@@ -20,6 +22,8 @@ from engine.contract.sampling_params import SamplingParams
 PROTOCOL_VERSION = 1
 # Upper bound of one client message (prompts are capped at 20k characters; see model_info).
 MAX_CLIENT_MESSAGE_BYTES = 1 << 20
+# A message and its input images' frames (image and mask_image, MAX_INPUT_IMAGES each).
+MAX_CLIENT_FRAMES = 1 + 2 * MAX_INPUT_IMAGES
 
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -44,6 +48,9 @@ class Generate(msgspec.Struct, tag="generate", kw_only=True, omit_defaults=True,
     prompt: str | None = None
     negative_prompt: str | None = None
     class_label: int | None = None
+    # Input images: references to the frames after this one (engine/contract/input_images.py).
+    image: Any = None
+    mask_image: Any = None
     stream: bool = True
 
 
@@ -141,6 +148,17 @@ class Error(msgspec.Struct, tag="error", kw_only=True, omit_defaults=True):
 
 
 ServerMessage = Welcome | Output | Rejected | Pong | StateReply | Error
+
+
+def oversize_error(body: list, max_message_bytes: int) -> str | None:
+    """Why a client message's frames are too large (None when they fit): the message frame
+    within max_message_bytes, its input images within MAX_INPUT_BYTES together."""
+    if len(body[0]) > max_message_bytes:
+        return f"message of {len(body[0])} bytes exceeds {max_message_bytes}"
+    images = sum(len(frame) for frame in body[1:])
+    if images > MAX_INPUT_BYTES:
+        return f"input images of {images} bytes exceed {MAX_INPUT_BYTES} bytes (MAX_INPUT_BYTES)"
+    return None
 
 
 def to_wire(output: RequestOutput, request_id: str) -> Output:

@@ -30,10 +30,12 @@ import zmq.asyncio
 
 from engine.async_engine import AsyncEngine
 from engine.contract.errors import EngineDeadError
+from engine.contract.input_images import MAX_INPUT_BYTES
 from engine.contract.request_fields import PROMPT_KEYS
 from engine.contract.wire import Decoder, Encoder, WireError
 from engine.service.address import bind_local, check_bind_address, default_address, load_server_keys, remove_ipc_file
 from engine.service.protocol import (
+    MAX_CLIENT_FRAMES,
     MAX_CLIENT_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Abort,
@@ -50,6 +52,7 @@ from engine.service.protocol import (
     StateQuery,
     StateReply,
     Welcome,
+    oversize_error,
     to_wire,
     without_paths,
 )
@@ -113,7 +116,7 @@ class EngineServer:
         self._sessions: dict[bytes, Session] = {}
         self._sids = itertools.count()
         self._encoder = Encoder()
-        self._decoder = Decoder(ClientMessage, max_frames=1)
+        self._decoder = Decoder(ClientMessage, max_frames=MAX_CLIENT_FRAMES)
         self._ref_decoder = msgspec.msgpack.Decoder(RequestRef)
         self._draining = False
         self.exit_code = 0
@@ -170,10 +173,9 @@ class EngineServer:
     def _bind(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a final output to a slow (but live) client
-        # A frame larger than this cuts the peer off inside zmq before it is buffered. (zmq
-        # delivers a multipart message whole and has no cap on its part count; the receive loop
-        # drops extra parts as it reads them, and clients only ever send one.)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + FRAME_SLACK_BYTES)
+        # A frame larger than this (an input image's may reach MAX_INPUT_BYTES) cuts the peer off
+        # inside zmq before it is buffered; the receive loop drops parts beyond MAX_CLIENT_FRAMES.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(self.max_message_bytes, MAX_INPUT_BYTES) + FRAME_SLACK_BYTES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer fails: how we find it
         if self.curve_keys is not None:
             sock.curve_publickey, sock.curve_secretkey = self.curve_keys
@@ -216,12 +218,13 @@ class EngineServer:
                 log.exception("error handling a client message")
 
     async def _receive_frames(self) -> list:
-        """The identity, the first body frame, and the count of the rest (dropped unread)."""
+        """The identity, up to MAX_CLIENT_FRAMES body frames (a message and its input images),
+        and the count of the rest (dropped unread)."""
         frames = [await self._socket.recv(copy=False)]
         extra = 0
         while self._socket.getsockopt(zmq.RCVMORE):
             frame = await self._socket.recv(copy=False)
-            if len(frames) < 2:
+            if len(frames) <= MAX_CLIENT_FRAMES:
                 frames.append(frame)
             else:
                 extra += 1
@@ -230,15 +233,12 @@ class EngineServer:
 
     def _handle(self, frames: list) -> None:
         identity, body, extra = frames[0].bytes, frames[1:-1], frames[-1]
-        if len(body) != 1 or extra:
-            count = len(body) + extra
-            self._post(identity, Error(code="malformed", error=f"expected a one-frame message, got {count} frames"))
+        if not body or extra:
+            error = f"expected a message of 1 to {MAX_CLIENT_FRAMES} frames, got {len(body) + extra} frames"
+            self._post(identity, Error(code="malformed", error=error))
             return
-        if len(body[0]) > self.max_message_bytes:
-            self._post(
-                identity,
-                Error(code="oversize", error=f"message of {len(body[0])} bytes exceeds {self.max_message_bytes}"),
-            )
+        if (oversize := oversize_error(body, self.max_message_bytes)) is not None:
+            self._post(identity, Error(code="oversize", error=oversize))
             return
         session = self._sessions.get(identity)
         try:

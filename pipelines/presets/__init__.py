@@ -91,6 +91,29 @@ PRESETS: dict[str, PresetSpec] = {
         tiny_flux,
         "FluxPipeline, 2+2-block 32-wide transformer with guidance embedding, CLIP + T5; 64x64 (16 image tokens)",
     ),
+    # FLUX's image-input pipelines on tiny-flux's components (the same weights).
+    "tiny-flux-img2img": PresetSpec(
+        "diffusers",
+        64,
+        64,
+        lambda: tiny_flux("FluxImg2ImgPipeline"),
+        "FluxImg2ImgPipeline on tiny-flux's components: image-to-image with strength; 64x64",
+    ),
+    "tiny-flux-kontext": PresetSpec(
+        "diffusers",
+        64,
+        64,
+        lambda: tiny_flux("FluxKontextPipeline"),
+        "FluxKontextPipeline on tiny-flux's components: image editing (the input image's tokens join the "
+        "sequence); 64x64",
+    ),
+    "tiny-flux-inpaint": PresetSpec(
+        "diffusers",
+        64,
+        64,
+        lambda: tiny_flux("FluxInpaintPipeline"),
+        "FluxInpaintPipeline on tiny-flux's components: inpainting with image, mask_image and strength; 64x64",
+    ),
     "tiny-sd3": PresetSpec(
         "diffusers",
         64,

@@ -53,15 +53,18 @@ def _transformer():
     return model
 
 
-def tiny_flux():
-    """A FluxPipeline whose every component is tiny and seeded."""
-    from diffusers import FluxPipeline
+def tiny_flux(pipeline_class: str = "FluxPipeline"):
+    """A FLUX pipeline whose every component is tiny and seeded. Image-to-image
+    (`FluxImg2ImgPipeline`), editing (`FluxKontextPipeline`) and inpainting (`FluxInpaintPipeline`)
+    take the same components as `FluxPipeline`: the class only changes what model_index.json
+    names, so `from_pretrained` loads the directory as that pipeline."""
+    import diffusers
 
     from pipelines.presets.tokenizer_training import build_clip_tokenizer, build_t5_tokenizer
 
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_t5_tokenizer(_T5_MAX_LENGTH)
-    return FluxPipeline(
+    return getattr(diffusers, pipeline_class)(
         scheduler=_scheduler(),
         vae=seeded(2, lambda: kl_vae(scaling_factor=0.3611, shift_factor=0.1159)),
         text_encoder=seeded(3, lambda: clip_text_encoder(tokenizer, hidden=_CLIP_HIDDEN)),
