@@ -29,6 +29,7 @@ import torch
 from engine.contract.messages import NewRequest
 from engine.contract.sampling_params import MAX_SIDE
 from pipelines.forward_batching import TEXT_PADDING, ForwardCall, group_calls, run_group
+from pipelines.memory_estimate import latent_frames, read_vae_config, temporal_factor
 from pipelines.schedulers import build_scheduler, check_scheduler
 from pipelines.step_pipeline import StepPipeline, check_text
 from pipelines.tokenizer_lock import SerializedTokenizer, is_tokenizer
@@ -56,11 +57,13 @@ FROM_REQUEST = {
     "num_inference_steps": "SamplingParams.num_inference_steps",
     "height": "SamplingParams.height",
     "width": "SamplingParams.width",
+    "num_frames": "SamplingParams.num_frames",
     "true_cfg_scale": "SamplingParams.true_cfg_scale",
     "guidance_scale": "SamplingParams.guidance_scale",
 }
 PIXELS_PER_TOKEN = 16  # VAE 8x times 2x2 patches, the layout of every supported transformer
 MAX_IMAGE_TOKENS = 16384  # 2048 x 2048: bounds one request's worker memory when the model sets no limit
+MAX_VIDEO_TOKENS = 75600  # Wan 2.1 at 720x1280 with 81 frames (21 latent frames of 45 x 80 tokens)
 
 
 class _Aborted(BaseException):
@@ -158,14 +161,24 @@ class DiffusersAdapterPipeline(StepPipeline):
                 raise ValueError(
                     f"SamplingParams.{side} must be a multiple of {PIXELS_PER_TOKEN} in [16, {MAX_SIDE}], got {value}"
                 )
-        height, width = params.height or info.default_height, params.width or info.default_width
-        if height and width:
+        frames = _check_frames(info, params)
+        height = params.height or info.default_height or info.call_default("height")
+        width = params.width or info.default_width or info.call_default("width")
+        if height and width and frames is None:
             tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
             limit = int(info.scheduler_config.get("max_image_seq_len") or MAX_IMAGE_TOKENS)
             if tokens > limit:
                 raise ValueError(
                     f"SamplingParams.height x width = {height}x{width} gives {tokens} image tokens; this model "
                     f"allows at most {limit} (height/16 * width/16)"
+                )
+        elif height and width:
+            depth = latent_frames(frames, read_vae_config(info.path))
+            tokens = depth * (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+            if tokens > MAX_VIDEO_TOKENS:
+                raise ValueError(
+                    f"SamplingParams.num_frames x height x width = {frames}x{height}x{width} gives {tokens} video "
+                    f"tokens; at most {MAX_VIDEO_TOKENS} are served (latent frames * height/16 * width/16)"
                 )
         for name in params.pipeline_args or {}:
             if name in ENGINE_CONTROLLED:
@@ -235,6 +248,7 @@ class DiffusersAdapterPipeline(StepPipeline):
             "num_inference_steps": params.num_inference_steps,
             "height": params.height or self.info.default_height,
             "width": params.width or self.info.default_width,
+            "num_frames": params.num_frames or self.info.default_num_frames,
             "true_cfg_scale": params.true_cfg_scale,
             "guidance_scale": params.guidance_scale,
         }
@@ -290,8 +304,10 @@ class DiffusersAdapterPipeline(StepPipeline):
                 return_dict=True,
             )
             images = getattr(output, "images", None)
+            if images is None:  # a video pipeline: (1, frames, H, W, 3)
+                images = getattr(output, "frames", None)
             if images is None:
-                raise ValueError(f"{type(self.pipe).__name__} returned no images (only image pipelines are served)")
+                raise ValueError(f"{type(self.pipe).__name__} returned neither images nor video frames")
             images = np.asarray(images, dtype=np.float32)
             if not np.isfinite(images).all():
                 raise FloatingPointError("the image is not finite")
@@ -316,6 +332,26 @@ class DiffusersAdapterPipeline(StepPipeline):
             if state.aborted:
                 raise _Aborted()
         return {}
+
+
+def _check_frames(info: Any, params: Any) -> int | None:
+    """A video request's frame count, checked against what the model's video VAE takes (None for
+    an image pipeline)."""
+    frames = info.frames_for(params)
+    if frames is None:
+        return None
+    temporal = temporal_factor(read_vae_config(info.path))
+    if (frames - 1) % temporal:
+        raise ValueError(
+            f"SamplingParams.num_frames must be {temporal}k + 1 (1, {temporal + 1}, {2 * temporal + 1}, ...) for "
+            f"{info.pipeline_class}, whose video VAE compresses time {temporal}x; got {frames}"
+        )
+    if params.num_images_per_prompt != 1:
+        raise ValueError(
+            f"SamplingParams.num_images_per_prompt must be 1 for {info.pipeline_class} (one video per request; "
+            f"submit several requests with their own seeds), got {params.num_images_per_prompt}"
+        )
+    return frames
 
 
 @functools.lru_cache(maxsize=64)
