@@ -2,7 +2,8 @@
 
 Every message is one msgpack-encoded Struct of a tagged union, decoded with its type on both
 sides (never pickle). A client must open with `Hello` (protocol version, optional auth token)
-before anything else is served. Final images ride as extra zero-copy frames (engine/contract/wire.py);
+before anything else is served. Final images and a video's frames ride as extra zero-copy frames
+(engine/contract/wire.py);
 nothing a client sends carries arrays, so the server accepts exactly one small frame per message.
 """
 
@@ -93,7 +94,8 @@ class WireMetrics(msgspec.Struct, array_like=True):
 
 
 class Output(msgspec.Struct, tag="output", kw_only=True, omit_defaults=True):
-    """One RequestOutput; `images` (final only) is a float32 array sent as its own frame."""
+    """One RequestOutput; `images` (final only) is a float32 array sent as its own frame, and so
+    is a video's `frames` (F, H, W, 3); a message carries one of the two, never both."""
 
     request_id: str
     step: int
@@ -103,6 +105,7 @@ class Output(msgspec.Struct, tag="output", kw_only=True, omit_defaults=True):
     seed: int | None = None
     metrics: WireMetrics | None = None
     images: Any = None
+    frames: Any = None
 
 
 class Rejected(msgspec.Struct, tag="rejected", kw_only=True):
@@ -157,10 +160,11 @@ def to_wire(output: RequestOutput, request_id: str) -> Output:
         if metrics is None
         else WireMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
         images=output.images,
+        frames=output.frames,
     )
 
 
-def from_wire(message: Output, images: Any) -> RequestOutput:
+def from_wire(message: Output, images: Any, frames: Any = None) -> RequestOutput:
     metrics = message.metrics
     return RequestOutput(
         message.request_id,
@@ -173,6 +177,7 @@ def from_wire(message: Output, images: Any) -> RequestOutput:
         metrics=None
         if metrics is None
         else RequestMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
+        frames=frames,
     )
 
 
