@@ -128,16 +128,23 @@ class EngineCore:
     def _request_memory(self, params: SamplingParams) -> int:
         """The request's estimated activation memory; ValueError if it could never fit."""
         info = self.model_info
-        height = params.height or info.default_height or 1024
-        width = params.width or info.default_width or 1024
+        # The pipeline's own default size where it has one (Wan: 480x832); 1024 for the others.
+        height = params.height or info.default_height or info.call_default("height") or 1024
+        width = params.width or info.default_width or info.call_default("width") or 1024
         element_bytes = 2 if self.config.dtype in ("bfloat16", "float16") else 4
-        need = request_bytes(height, width, info.transformer_config, self._vae_config, element_bytes)
+        frames = info.frames_for(params)
+        need = request_bytes(height, width, info.transformer_config, self._vae_config, element_bytes, frames=frames)
         budget = self.scheduler.memory_budget
         if budget is not None and need > budget:
+            size = (
+                f"height x width = {height}x{width}"
+                if frames is None
+                else f"num_frames x height x width = {frames}x{height}x{width}"
+            )
             raise ValueError(
-                f"SamplingParams.height x width = {height}x{width} needs about {need / 2**20:.0f} MiB of activation "
-                f"memory, more than this engine's budget of {budget / 2**20:.0f} MiB (memory_budget_mb); "
-                "ask for a smaller image"
+                f"SamplingParams.{size} needs about {need / 2**20:.0f} MiB of activation memory, more than this "
+                f"engine's budget of {budget / 2**20:.0f} MiB (memory_budget_mb); "
+                + ("ask for a smaller image" if frames is None else "ask for fewer frames or a smaller size")
             )
         return need
 
