@@ -17,8 +17,9 @@ import msgspec
 from engine.contract.outputs import RequestMetrics, RequestOutput
 from engine.contract.sampling_params import SamplingParams
 
-# Bump on any change to these Structs that an older peer could misread.
-PROTOCOL_VERSION = 1
+# Bump on any change to these Structs that an older peer could misread. 2: Output.frames (a
+# video), which a version-1 client would drop, reading a finished video as an output without images.
+PROTOCOL_VERSION = 2
 # Upper bound of one client message (prompts are capped at 20k characters; see model_info).
 MAX_CLIENT_MESSAGE_BYTES = 1 << 20
 
