@@ -105,6 +105,7 @@ def test_wan_alone_matches_diffusers_as_np_and_pil_frames(wan):
     assert output.metrics.num_steps == 4
     expected = wan_reference(pipe, prompt, params, output_type="pil")
     assert len(pil.frames) == len(expected) == 5
+    assert pil.frames[4].info["seed"] == "3" and pil.frames[4].info["num_frames"] == "5"  # its settings
     for got, want in zip(pil.frames, expected, strict=True):
         assert got.size == want.size == (32, 32)
         assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
