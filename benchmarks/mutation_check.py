@@ -144,6 +144,33 @@ MUTATIONS = [
         "sequential_forward_s = forward[rows_per_request]",
         ("tests/test_benchmarks.py::test_throughput_benchmark_via_cli",),
     ),
+    Mutation(
+        "Wan 2.2 experts joined",
+        "forwards of different transformers (Wan 2.2's two experts) join and all run on the first one",
+        "pipelines/forward_batching.py",
+        "if a.module != b.module or len(a.args) != len(b.args)",
+        "if len(a.args) != len(b.args)",
+        (
+            "tests/test_wan_video.py::test_wan_co_batched",
+            "tests/test_wan_video.py::test_forwards_of_different_modules_never_join",
+        ),
+    ),
+    Mutation(
+        "video frames not counted",
+        "a video's memory estimate is an image's, so long videos are admitted that cannot fit",
+        "engine/core/engine_core.py",
+        "frames = info.frames_for(params)",
+        "frames = None",
+        ("tests/test_video_memory.py::test_admission",),
+    ),
+    Mutation(
+        "video dropped on the wire",
+        "the server sends a finished video's output without its frames",
+        "engine/service/protocol.py",
+        "        frames=output.frames,\n",
+        "",
+        ("tests/test_video_wire.py::test_frames_come_back",),
+    ),
 ]
 
 

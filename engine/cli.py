@@ -99,12 +99,15 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
 
 # -- generate ----------------------------------------------------------------------------------
 def _generate(args: argparse.Namespace) -> int:
-    from engine.cli_checks import check_before_start, output_paths
+    from engine.cli_checks import check_before_start, check_output_kind, output_paths
 
     config = engine_config(args)
     params, prompt = _request(args)
     paths = output_paths(args.output, args.num_images)
-    check_before_start(config, prompt, params)  # a bad request fails before any worker starts
+    info = check_before_start(config, prompt, params)  # a bad request fails before any worker starts
+    check_output_kind(args.output, info)
+    if not 1 <= args.fps <= 240:
+        raise ValueError(f"--fps must be an integer in [1, 240], got {args.fps}")
 
     from engine import Omni
 
@@ -113,10 +116,17 @@ def _generate(args: argparse.Namespace) -> int:
     if output.error is not None:
         print(f"error: {output.error}", file=sys.stderr)
         return EXIT_FAILED
-    for path, image in zip(paths, output.images):
-        image.save(path)
     seeds = f"seed {output.seed}" if len(paths) == 1 else f"seeds {output.seed}..{output.seed + len(paths) - 1}"
-    print(f"wrote {', '.join(paths)} ({output.num_steps} steps, {seeds}, {output.metrics.latency_s:.2f} s)")
+    what = ""
+    if output.frames is not None:
+        from engine.video_file import write_video
+
+        write_video(paths[0], output.frames, fps=args.fps)
+        what = f"{len(output.frames)} frames at {args.fps} fps, "
+    else:
+        for path, image in zip(paths, output.images):
+            image.save(path)
+    print(f"wrote {', '.join(paths)} ({what}{output.num_steps} steps, {seeds}, {output.metrics.latency_s:.2f} s)")
     return EXIT_OK
 
 
@@ -130,6 +140,7 @@ def _request(args: argparse.Namespace) -> tuple[Any, dict]:
         guidance_scale=args.cfg_scale,
         height=args.height,
         width=args.width,
+        num_frames=args.num_frames,
         seed=args.seed,
         scheduler=args.scheduler,
         num_images_per_prompt=args.num_images,
@@ -148,8 +159,9 @@ def _request(args: argparse.Namespace) -> tuple[Any, dict]:
 def _add_generate_parser(commands) -> None:
     gen = commands.add_parser(
         "generate",
-        help="generate images for one prompt",
-        description="Generate images for one prompt and write them as PNG files with their settings.",
+        help="generate images (or a video) for one prompt",
+        description="Generate images for one prompt and write them as PNG files with their settings; with a "
+        "text-to-video model (Wan), a video written as .mp4 or .gif, chosen by --output's extension.",
         formatter_class=_HelpFormatter,
         epilog=EXIT_CODES,
     )
@@ -188,9 +200,16 @@ def _add_generate_parser(commands) -> None:
         "VALUE as JSON), e.g. max_area=4096",
     )
     gen.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="frames of a video (video models; Wan: 4k + 1) (default: the model's)",
+    )
+    gen.add_argument("--fps", type=int, default=16, help="frames per second of a written video")
+    gen.add_argument(
         "--output",
         default="out.png",
-        help="the image file; with --num-images N, NAME-0.png .. NAME-(N-1).png",
+        help="the image file; with --num-images N, NAME-0.png .. NAME-(N-1).png; a video model writes .mp4 or .gif",
     )
     # The one preset with trained weights: its images show what the prompt names.
     add_engine_args(gen, default_model="digits-qwen-image")

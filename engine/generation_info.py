@@ -29,6 +29,7 @@ def generation_text(
         "scheduler": params.scheduler,
         "height": params.height,
         "width": params.width,
+        "num_frames": params.num_frames,
         "model": model,
         "software": "stepweave",
     }
@@ -36,14 +37,15 @@ def generation_text(
 
 
 def attach_generation_info(output: Any, fields: dict[str, Any], params: SamplingParams, model: str | None) -> None:
-    """Give each PIL image of a finished output its settings; image i has seed + i."""
-    images = output.images
+    """Give each PIL image of a finished output its settings; image i has seed + i. Every PIL
+    frame of a video carries its video's settings."""
+    images = output.images if output.frames is None else output.frames
     if not output.finished or output.error is not None or not isinstance(images, list):
         return
     from PIL import PngImagePlugin
 
     for index, image in enumerate(images):
-        seed = None if output.seed is None else output.seed + index
+        seed = None if output.seed is None else output.seed + (index if output.frames is None else 0)
         text = generation_text(fields, params, seed, model)
         chunks = PngImagePlugin.PngInfo()
         for key, value in text.items():

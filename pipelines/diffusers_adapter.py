@@ -30,6 +30,7 @@ from engine.contract.input_images import IMAGE_KEYS, as_list, to_pipeline_input
 from engine.contract.messages import NewRequest
 from engine.contract.sampling_params import MAX_SIDE
 from pipelines.forward_batching import TEXT_PADDING, ForwardCall, group_calls, run_group
+from pipelines.memory_estimate import latent_frames, read_vae_config, temporal_factor
 from pipelines.schedulers import build_scheduler, check_scheduler
 from pipelines.step_pipeline import StepPipeline, check_text
 from pipelines.tokenizer_lock import SerializedTokenizer, is_tokenizer
@@ -57,6 +58,7 @@ FROM_REQUEST = {
     "num_inference_steps": "SamplingParams.num_inference_steps",
     "height": "SamplingParams.height",
     "width": "SamplingParams.width",
+    "num_frames": "SamplingParams.num_frames",
     "true_cfg_scale": "SamplingParams.true_cfg_scale",
     "guidance_scale": "SamplingParams.guidance_scale",
     "strength": "SamplingParams.strength",
@@ -67,6 +69,7 @@ PIXELS_PER_TOKEN = 16  # VAE 8x times 2x2 patches, the layout of every supported
 # The largest of FLUX Kontext's preferred resolutions (1568x672), which `_auto_resize` picks from.
 AUTO_RESIZE_PIXELS = 1568 * 672
 MAX_IMAGE_TOKENS = 16384  # 2048 x 2048: bounds one request's worker memory when the model sets no limit
+MAX_VIDEO_TOKENS = 75600  # Wan 2.1 at 720x1280 with 81 frames (21 latent frames of 45 x 80 tokens)
 
 
 class _Aborted(BaseException):
@@ -170,15 +173,25 @@ class DiffusersAdapterPipeline(StepPipeline):
         area = (params.pipeline_args or {}).get("max_area")
         if area is not None and (isinstance(area, bool) or not isinstance(area, int) or not 256 <= area <= MAX_SIDE**2):
             raise ValueError(f"SamplingParams.pipeline_args['max_area'] must be an integer in [256, {MAX_SIDE**2}]")
+        frames = _check_frames(info, params)
         height, width, _ = cls.working_size(info, params, fields)
-        tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
-        limit = int(info.scheduler_config.get("max_image_seq_len") or MAX_IMAGE_TOKENS)
-        if tokens > limit:
-            given = "" if "max_area" not in parameters else " (the output's area is max_area, diffusers' 1024x1024)"
-            raise ValueError(
-                f"SamplingParams.height x width = {height}x{width}{given} gives {tokens} image tokens; this model "
-                f"allows at most {limit} (height/16 * width/16)"
-            )
+        if frames is None:
+            tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+            limit = int(info.scheduler_config.get("max_image_seq_len") or MAX_IMAGE_TOKENS)
+            if tokens > limit:
+                given = "" if "max_area" not in parameters else " (the output's area is max_area, diffusers' 1024x1024)"
+                raise ValueError(
+                    f"SamplingParams.height x width = {height}x{width}{given} gives {tokens} image tokens; this model "
+                    f"allows at most {limit} (height/16 * width/16)"
+                )
+        else:
+            depth = latent_frames(frames, read_vae_config(info.path))
+            tokens = depth * (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+            if tokens > MAX_VIDEO_TOKENS:
+                raise ValueError(
+                    f"SamplingParams.num_frames x height x width = {frames}x{height}x{width} gives {tokens} video "
+                    f"tokens; at most {MAX_VIDEO_TOKENS} are served (latent frames * height/16 * width/16)"
+                )
         for name in params.pipeline_args or {}:
             if name in ENGINE_CONTROLLED:
                 raise ValueError(f"SamplingParams.pipeline_args: {name!r} is set by the engine")
@@ -200,8 +213,8 @@ class DiffusersAdapterPipeline(StepPipeline):
         """The output size as the pipeline computes it (FLUX Kontext scales height x width to
         `max_area`, keeping their ratio), and the input images' pixels as it encodes them
         (Kontext's `_auto_resize` scales each to a preferred resolution of about 1024x1024)."""
-        height = params.height or info.default_height or 1024
-        width = params.width or info.default_width or 1024
+        height = params.height or info.default_height or info.call_default("height") or 1024
+        width = params.width or info.default_width or info.call_default("width") or 1024
         parameters, args = _call_parameters(info.pipeline_type), params.pipeline_args or {}
         if "max_area" in parameters:
             area, ratio = args.get("max_area", _default(info.pipeline_type, "max_area")), width / height
@@ -282,6 +295,7 @@ class DiffusersAdapterPipeline(StepPipeline):
             "num_inference_steps": params.num_inference_steps,
             "height": params.height or self.info.default_height,
             "width": params.width or self.info.default_width,
+            "num_frames": params.num_frames or self.info.default_num_frames,
             "true_cfg_scale": params.true_cfg_scale,
             "guidance_scale": params.guidance_scale,
             "strength": params.strength,
@@ -340,8 +354,10 @@ class DiffusersAdapterPipeline(StepPipeline):
                 return_dict=True,
             )
             images = getattr(output, "images", None)
+            if images is None:  # a video pipeline: (1, frames, H, W, 3)
+                images = getattr(output, "frames", None)
             if images is None:
-                raise ValueError(f"{type(self.pipe).__name__} returned no images (only image pipelines are served)")
+                raise ValueError(f"{type(self.pipe).__name__} returned neither images nor video frames")
             images = np.asarray(images, dtype=np.float32)
             if not np.isfinite(images).all():
                 raise FloatingPointError("the image is not finite")
@@ -391,6 +407,26 @@ def _check_image_inputs(pipeline_class: str, parameters: frozenset[str], params,
         raise ValueError(f"prompt['image'] is required: {pipeline_class} starts from an input image")
     if "mask_image" in parameters and fields.get("mask_image") is None:
         raise ValueError(f"prompt['mask_image'] is required: {pipeline_class} repaints where the mask is white")
+
+
+def _check_frames(info: Any, params: Any) -> int | None:
+    """A video request's frame count, checked against what the model's video VAE takes (None for
+    an image pipeline)."""
+    frames = info.frames_for(params)
+    if frames is None:
+        return None
+    temporal = temporal_factor(read_vae_config(info.path))
+    if (frames - 1) % temporal:
+        raise ValueError(
+            f"SamplingParams.num_frames must be {temporal}k + 1 (1, {temporal + 1}, {2 * temporal + 1}, ...) for "
+            f"{info.pipeline_class}, whose video VAE compresses time {temporal}x; got {frames}"
+        )
+    if params.num_images_per_prompt != 1:
+        raise ValueError(
+            f"SamplingParams.num_images_per_prompt must be 1 for {info.pipeline_class} (one video per request; "
+            f"submit several requests with their own seeds), got {params.num_images_per_prompt}"
+        )
+    return frames
 
 
 @functools.lru_cache(maxsize=64)

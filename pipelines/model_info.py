@@ -78,6 +78,7 @@ class ModelInfo:
     default_width: int | None
     scheduler_config: dict[str, Any]
     transformer_config: dict[str, Any]
+    default_num_frames: int | None = None  # a video preset's frame count; None: the pipeline's own
 
     @property
     def pipeline_type(self) -> type:
@@ -111,7 +112,8 @@ class ModelInfo:
         transformer = _read_json(config) if config.is_file() or "transformer" in index else {}
         height, width = family.default_size(transformer, preset)
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
-        return cls(path, pipeline_class, family, height, width, scheduler, transformer)
+        frames = preset.get("default_num_frames")
+        return cls(path, pipeline_class, family, height, width, scheduler, transformer, frames)
 
     def validate(self, params: SamplingParams, fields: dict[str, Any]) -> None:
         """Raise ValueError (naming the field and what it accepts) for a request this model
@@ -122,6 +124,8 @@ class ModelInfo:
                 raise ValueError(f"{key} is not an input of {family.name} models; they take {', '.join(family.inputs)}")
         if params.strength is not None and "image" not in family.inputs:
             raise ValueError(f"SamplingParams.strength is for image-to-image pipelines; {family.name} models take none")
+        if params.num_frames is not None and not self.makes_video:
+            raise ValueError(f"SamplingParams.num_frames is for video pipelines; {self.pipeline_class} makes images")
         if params.pipeline_args and not family.accepts_pipeline_args:
             raise ValueError(
                 f"SamplingParams.pipeline_args is for pipelines served through the diffusers adapter; "
@@ -140,6 +144,30 @@ class ModelInfo:
     def num_steps(self, params: SamplingParams) -> int:
         """Denoising steps the request really runs (fewer than asked for image-to-image)."""
         return self.family.num_steps(self, params)
+
+    @property
+    def makes_video(self) -> bool:
+        """The pipeline generates videos (its __call__ takes num_frames)."""
+        return self.call_default("num_frames") is not None
+
+    def frames_for(self, params: SamplingParams) -> int | None:
+        """The frames a request makes: its num_frames, else the preset's or the pipeline's default
+        (None for an image pipeline)."""
+        if not self.makes_video:
+            return None
+        return params.num_frames or self.default_num_frames or int(self.call_default("num_frames"))
+
+    def call_default(self, name: str) -> Any:
+        """The default of the pipeline's __call__ argument `name` (None when it has none)."""
+        import inspect
+
+        import diffusers
+
+        pipe_cls = getattr(diffusers, self.pipeline_class, None)  # a user family may name its own class
+        if not isinstance(pipe_cls, type):
+            return None
+        parameter = inspect.signature(pipe_cls.__call__).parameters.get(name)
+        return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
     @property
     def takes_true_cfg(self) -> bool:

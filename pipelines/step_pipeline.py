@@ -55,7 +55,9 @@ class StepPipeline(CFGParallelMixin, PipelineParallelMixin):
     def working_size(cls, info: ModelInfo, params: SamplingParams, fields: dict[str, Any]) -> tuple[int, int, tuple]:
         """(height, width) the request generates at, and the pixels of each input image as the
         pipeline encodes it: what its memory estimate counts."""
-        return params.height or info.default_height or 1024, params.width or info.default_width or 1024, ()
+        height = params.height or info.default_height or info.call_default("height") or 1024
+        width = params.width or info.default_width or info.call_default("width") or 1024
+        return height, width, ()
 
     @classmethod
     def num_steps(cls, info: ModelInfo, params: SamplingParams) -> int:

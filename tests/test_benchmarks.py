@@ -226,3 +226,19 @@ def test_gpu_check_script_cpu_smoke(tmp_path, _preset_cache):
         assert report["config"]["height"] == 32 and report["config"]["device"] == "cpu"
         assert {"diffusers-sequential", "diffusers-static", "stepweave-2"} == set(report["systems"])
     assert (tmp_path / "throughput_32_saturated.png").stat().st_size > 0
+
+
+def test_video_throughput_benchmark(tmp_path, _preset_cache):
+    from benchmarks import video_throughput
+
+    out, png = tmp_path / "v.json", tmp_path / "v.png"
+    argv = ["--requests", "3", "--steps", "2", "3", "--num-frames", "5", "--height", "32", "--width", "32"]
+    report = video_throughput.main(
+        [*argv, "--max-num-seqs", "3", "--rounds", "1", "--json", str(out), "--plot", str(png)]
+    )
+    assert json.loads(out.read_text()) == report
+    stepweave = report["systems"]["stepweave-3"]
+    assert stepweave["forwards_run"] < stepweave["forward_calls"]  # the three videos shared forwards
+    batch = report["batch_s_by_rows"]
+    assert report["limit"] == pytest.approx(3 * batch["1"] / batch["3"], rel=1e-9)
+    assert png.stat().st_size > 0

@@ -223,6 +223,25 @@ def _chaos(reports) -> dict[str, list[str]]:
     }
 
 
+def _video(reports) -> dict[str, list[str]]:
+    """Text-to-video: each system's median round against diffusers one video at a time, and the
+    limit from diffusers' own batched call."""
+    (report,) = reports
+    systems = report["systems"]
+    base = systems["diffusers-sequential"]["throughput_rps"]
+    rows = {
+        name: [f"{r['throughput_rps']:.2f} videos/s ({_x(r['throughput_rps'] / base)})", f"{r['mean_latency_s']:.2f} s"]
+        for name, r in systems.items()
+    }
+    batch = report["batch_s_by_rows"]
+    n = report["config"]["max_num_seqs"]
+    rows["limit, same run"] = [_x(n * batch["1"] / batch[str(n)])]
+    for name, r in systems.items():
+        if "forward_calls" in r:
+            rows[name].append(f"{r['forward_calls']} → {r['forwards_run']}")
+    return rows
+
+
 def _expected(paths: list[str]) -> dict[str, list[str]]:
     reports = [_load(p) for p in paths]
     name = Path(paths[0]).stem
@@ -246,6 +265,8 @@ def _expected(paths: list[str]) -> dict[str, list[str]]:
         return _mutations(reports)
     if name == "chaos":
         return _chaos(reports)
+    if name == "video_throughput":
+        return _video(reports)
     raise AssertionError(f"README marks a table with {paths}, which this test does not know how to check")
 
 

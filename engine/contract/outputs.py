@@ -1,4 +1,4 @@
-"""What a caller receives for a request: progress while it runs, then the final images."""
+"""What a caller receives for a request: progress while it runs, then the final images or video."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class RequestOutput:
 
     `images` is set on the final output of a successful request: a list of PIL images for
     output_type="pil", or a float32 array (N, H, W, 3) in [0, 1] for output_type="np", laid out as
-    diffusers returns it. `error` is None on success.
+    diffusers returns it. A video request's final output carries `frames` instead: a float32
+    array (F, H, W, 3) in [0, 1] for "np" (diffusers' `output.frames[0]`), or a list of F PIL
+    images for "pil". `error` is None on success.
     """
 
     request_id: str
@@ -34,6 +36,7 @@ class RequestOutput:
     error: str | None = None
     seed: int | None = None
     metrics: RequestMetrics | None = None
+    frames: Any = None
 
     @property
     def ok(self) -> bool:
@@ -48,6 +51,16 @@ def to_images(array: np.ndarray, output_type: str) -> Any:
 
     pixels = (array * 255).round().astype("uint8")
     return [Image.fromarray(p) for p in pixels]
+
+
+def to_frames(array: np.ndarray, output_type: str) -> Any:
+    """A video from the workers' float array (1, F, H, W, 3) -> what the request asked for."""
+    return to_images(array[0], output_type)
+
+
+def is_video(array: Any) -> bool:
+    """The workers' final array is a video (1, F, H, W, 3) rather than images (N, H, W, 3)."""
+    return isinstance(array, np.ndarray) and array.ndim == 5
 
 
 def failed_output(request_id: str, error: str) -> RequestOutput:

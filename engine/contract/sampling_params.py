@@ -17,6 +17,7 @@ MAX_STEPS = 1000
 MAX_IMAGES_PER_PROMPT = 16
 MAX_CFG_SCALE = 100.0
 MAX_SIDE = 4096
+MAX_FRAMES = 1025  # 4 * 256 + 1: Wan's video VAE takes 4k + 1 frames (81 by default)
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "np")
 MAX_PIPELINE_ARGS = 32
@@ -44,6 +45,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     cfg_normalize: bool | None = None
     height: int | None = None
     width: int | None = None
+    # Frames of a video (text-to-video pipelines such as Wan); None: the model's default. The
+    # model checks what its video VAE accepts (Wan: num_frames - 1 divisible by 4).
+    num_frames: int | None = None
     # None: a random seed is drawn at submission and reported in the output.
     seed: int | None = None
     # A diffusers scheduler class name (e.g. "UniPCMultistepScheduler"); None keeps the model's.
@@ -74,6 +78,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             value = getattr(self, side)
             if value is not None:
                 _int_in(side, value, 16, MAX_SIDE)
+        if self.num_frames is not None:
+            _int_in("num_frames", self.num_frames, 1, MAX_FRAMES)
         _int_in("num_images_per_prompt", self.num_images_per_prompt, 1, MAX_IMAGES_PER_PROMPT)
         if self.seed is not None:
             try:

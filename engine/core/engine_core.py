@@ -136,16 +136,22 @@ class EngineCore:
         info = self.model_info
         height, width, inputs = info.family.working_size(info, params, fields)
         element_bytes = 2 if self.config.dtype in ("bfloat16", "float16") else 4
+        frames = info.frames_for(params)
         need = request_bytes(
-            height, width, info.transformer_config, self._vae_config, element_bytes, input_pixels=inputs
+            height, width, info.transformer_config, self._vae_config, element_bytes, input_pixels=inputs, frames=frames
         )
         budget = self.scheduler.memory_budget
         if budget is not None and need > budget:
+            size = (
+                f"height x width = {height}x{width}"
+                if frames is None
+                else f"num_frames x height x width = {frames}x{height}x{width}"
+            )
             with_inputs = f" with {sum(inputs)} pixels of input images" if inputs else ""
             raise ValueError(
-                f"SamplingParams.height x width = {height}x{width}{with_inputs} needs about {need / 2**20:.0f} MiB "
-                f"of activation memory, more than this engine's budget of {budget / 2**20:.0f} MiB "
-                "(memory_budget_mb); ask for a smaller image"
+                f"SamplingParams.{size}{with_inputs} needs about {need / 2**20:.0f} MiB of activation memory, more "
+                f"than this engine's budget of {budget / 2**20:.0f} MiB (memory_budget_mb); "
+                + ("ask for a smaller image" if frames is None else "ask for fewer frames or a smaller size")
             )
         return need
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
+from typing import Any
 
 from engine.contract.errors import OverloadedError
 from engine.contract.messages import StepBatch, StepResults
-from engine.contract.outputs import RequestMetrics, RequestOutput, to_images
+from engine.contract.outputs import RequestMetrics, RequestOutput, is_video, to_frames, to_images
 from engine.core.fair_queue import FairQueue
 from engine.core.request import Request, RequestStatus
 
@@ -203,8 +204,7 @@ class StepScheduler:
                 outputs.append(self._finish(request, RequestStatus.FAILED, out.error, now))
             elif out.finished:
                 self._forget(request)
-                images = to_images(out.image, request.params.output_type)
-                outputs.append(self._finish(request, RequestStatus.FINISHED, None, now, images))
+                outputs.append(self._finish_with(request, out.image, now))
             else:
                 outputs.append(RequestOutput(request.request_id, out.step, out.num_steps, seed=request.seed))
         for wire_id in ids:
@@ -224,6 +224,15 @@ class StepScheduler:
             del self._running_by_client[request.client]
 
     # -- helpers -----------------------------------------------------------------------------
+    def _finish_with(self, request: Request, array: Any, now: float) -> RequestOutput:
+        """A finished request's output: its images, or its video's frames."""
+        output_type = request.params.output_type
+        if is_video(array):
+            output = self._finish(request, RequestStatus.FINISHED, None, now)
+            output.frames = to_frames(array, output_type)
+            return output
+        return self._finish(request, RequestStatus.FINISHED, None, now, to_images(array, output_type))
+
     def _finish(self, request, status, error, now, images=None) -> RequestOutput:
         now = time.monotonic() if now is None else now
         request.status = status

@@ -62,6 +62,22 @@ class ClientStream(RequestStream):
         self.put(failed_output(self.request_id, str(error)))
 
 
+def video_and_images(message: Output, output_type: str) -> tuple:
+    """(images, video frames) of an output as the request asked for them; (None, None) when neither
+    came, or when what came is not one array of the expected rank: images (N, H, W, C), or a
+    video's frames (F, H, W, C)."""
+    images, frames = message.images, message.frames
+    if images is not None and frames is not None:
+        return None, None
+    for value in (images, frames):
+        if value is not None and (not isinstance(value, np.ndarray) or value.ndim != 4):
+            return None, None
+    return (
+        None if images is None else to_images(images, output_type),
+        None if frames is None else to_images(frames, output_type),
+    )
+
+
 class ServerConnection:
     """One socket and one server session; once lost it stays lost."""
 
@@ -83,7 +99,7 @@ class ServerConnection:
             self.context.term()
             raise ValueError(f"cannot connect to {address!r}: {exc} (expected ipc://PATH or tcp://HOST:PORT)") from None
         self.encoder = Encoder()
-        self.decoder = Decoder(ServerMessage, max_frames=2)  # an output and its images
+        self.decoder = Decoder(ServerMessage, max_frames=2)  # an output and its images or frames
         self.streams: dict[str, ClientStream] = {}  # wire request id -> stream
         self.replies: dict[int, asyncio.Future] = {}  # ping / state query seq -> reply
         self.loop = asyncio.get_running_loop()
@@ -149,22 +165,20 @@ class ServerConnection:
             stream = self.streams.get(message.request_id)
             if stream is None:  # aborted or abandoned here already
                 return
-            images = message.images
-            if images is not None and not isinstance(images, np.ndarray):
-                images = None
+            images, frames = video_and_images(message, stream.output_type)
+            if images is None and frames is None and (message.images is not None or message.frames is not None):
+                kind = "image" if message.images is not None else "video"
                 message = Output(
                     request_id=message.request_id,
                     step=0,
                     num_steps=0,
                     finished=True,
-                    error="server sent a malformed image frame",
+                    error=f"server sent a malformed {kind} frame",
                 )
-            elif images is not None:
-                images = to_images(images, stream.output_type)
             if message.finished:
                 del self.streams[message.request_id]
             message.request_id = stream.request_id
-            stream.put(from_wire(message, images))
+            stream.put(from_wire(message, images, frames))
         elif isinstance(message, Rejected):
             stream = self.streams.pop(message.request_id, None)
             if stream is not None:

@@ -2,9 +2,9 @@
 
 Every message is one msgpack-encoded Struct of a tagged union, decoded with its type on both
 sides (never pickle). A client must open with `Hello` (protocol version, optional auth token)
-before anything else is served. Final images ride as extra zero-copy frames (engine/contract/wire.py),
-and so do a request's input images (a `Generate` may carry up to 2 x MAX_INPUT_IMAGES of them,
-MAX_INPUT_BYTES in all); every other client message is one small frame.
+before anything else is served. Final images and a video's frames ride as extra zero-copy frames
+(engine/contract/wire.py), and so do a request's input images (a `Generate` may carry up to
+2 x MAX_INPUT_IMAGES of them, MAX_INPUT_BYTES in all); every other client message is one small frame.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from engine.contract.input_images import MAX_INPUT_BYTES, MAX_INPUT_IMAGES
 from engine.contract.outputs import RequestMetrics, RequestOutput
 from engine.contract.sampling_params import SamplingParams
 
-# Bump on any change to these Structs that an older peer could misread.
-PROTOCOL_VERSION = 1
+# Bump on any change to these Structs that an older peer could misread. 2: Output.frames (a
+# video), which a version-1 client would drop, reading a finished video as an output without images.
+PROTOCOL_VERSION = 2
 # Upper bound of one client message (prompts are capped at 20k characters; see model_info).
 MAX_CLIENT_MESSAGE_BYTES = 1 << 20
 # A message and its input images' frames (image and mask_image, MAX_INPUT_IMAGES each).
@@ -100,7 +101,8 @@ class WireMetrics(msgspec.Struct, array_like=True):
 
 
 class Output(msgspec.Struct, tag="output", kw_only=True, omit_defaults=True):
-    """One RequestOutput; `images` (final only) is a float32 array sent as its own frame."""
+    """One RequestOutput; `images` (final only) is a float32 array sent as its own frame, and so
+    is a video's `frames` (F, H, W, 3); a message carries one of the two, never both."""
 
     request_id: str
     step: int
@@ -110,6 +112,7 @@ class Output(msgspec.Struct, tag="output", kw_only=True, omit_defaults=True):
     seed: int | None = None
     metrics: WireMetrics | None = None
     images: Any = None
+    frames: Any = None
 
 
 class Rejected(msgspec.Struct, tag="rejected", kw_only=True):
@@ -175,10 +178,11 @@ def to_wire(output: RequestOutput, request_id: str) -> Output:
         if metrics is None
         else WireMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
         images=output.images,
+        frames=output.frames,
     )
 
 
-def from_wire(message: Output, images: Any) -> RequestOutput:
+def from_wire(message: Output, images: Any, frames: Any = None) -> RequestOutput:
     metrics = message.metrics
     return RequestOutput(
         message.request_id,
@@ -191,6 +195,7 @@ def from_wire(message: Output, images: Any) -> RequestOutput:
         metrics=None
         if metrics is None
         else RequestMetrics(metrics.arrival_time, metrics.queue_time_s, metrics.latency_s, metrics.num_steps),
+        frames=frames,
     )
 
 

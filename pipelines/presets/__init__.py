@@ -6,7 +6,7 @@ ordinary diffusers directory that `DiffusionPipeline.from_pretrained` loads as t
 class, so the engine exercises the same loading and inference code a downloaded model would.
 
 This package holds the preset table and the export/cache logic; each family's builder lives in
-its own module (`qwen_image`, `digits`, `dit`, `flux`, `sd3`, `z_image`), the parts several families share
+its own module (`qwen_image`, `digits`, `dit`, `flux`, `sd3`, `z_image`, `wan`), the parts several families share
 in `components`, the seeding helpers in `common`, and the tokenizers in `tokenizer_training`.
 """
 
@@ -27,6 +27,7 @@ from pipelines.presets.dit import tiny_dit
 from pipelines.presets.flux import tiny_flux
 from pipelines.presets.qwen_image import qwen_image
 from pipelines.presets.sd3 import tiny_sd3
+from pipelines.presets.wan import tiny_wan
 from pipelines.presets.z_image import tiny_z_image
 
 # Bump when any builder changes output (retrained digits weights included), so stale caches are never reused.
@@ -128,6 +129,23 @@ PRESETS: dict[str, PresetSpec] = {
         tiny_z_image,
         "ZImagePipeline, 2-layer 32-wide single-stream transformer, Qwen3 text model; 64x64 (16 image tokens)",
     ),
+    # Text-to-video: 9 frames (3 latent frames) of 32x32, 12 video tokens.
+    "tiny-wan21": PresetSpec(
+        "diffusers",
+        32,
+        32,
+        lambda: tiny_wan(two_experts=False),
+        "WanPipeline (Wan 2.1: one 2-layer 32-wide transformer), UMT5, causal video VAE; 9 frames of 32x32",
+        default_num_frames=9,
+    ),
+    "tiny-wan22": PresetSpec(
+        "diffusers",
+        32,
+        32,
+        lambda: tiny_wan(two_experts=True),
+        "WanPipeline (Wan 2.2: transformer and transformer_2 split at boundary_ratio 0.875); 9 frames of 32x32",
+        default_num_frames=9,
+    ),
 }
 
 
@@ -152,6 +170,8 @@ def export_preset(name: str, directory: str | os.PathLike, preset_size: bool = F
     meta: dict = {"preset": name, "family": spec.family}
     if preset_size:
         meta.update(default_height=spec.default_height, default_width=spec.default_width)
+        if spec.default_num_frames is not None:
+            meta.update(default_num_frames=spec.default_num_frames)
     (directory / "stepweave.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 

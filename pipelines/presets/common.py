@@ -22,6 +22,7 @@ class PresetSpec:
     default_width: int
     builder: Callable[[], Any]  # () -> a diffusers pipeline with seeded random weights
     description: str
+    default_num_frames: int | None = None  # video presets: frames when a request gives none
 
 
 def seeded(seed: int, make: Callable[[], Any]) -> Any:
