@@ -13,7 +13,9 @@ from typing import AsyncIterator
 from engine.async_engine import AsyncEngine
 from engine.contract.errors import EngineDeadError
 from engine.contract.outputs import RequestOutput
+from engine.contract.request_fields import normalize_prompt
 from engine.contract.sampling_params import SamplingParams
+from engine.generation_info import attach_generation_info
 from engine.service.server import EngineServer
 
 HTTP_CLIENT = "http"  # the fair queue's name for every HTTP request
@@ -45,4 +47,6 @@ class EngineBackend:
         async for output in self.engine.generate(prompt, params, client=HTTP_CLIENT):
             if output.finished and output.error is not None and not self.serving:
                 raise EngineDeadError(f"the engine stopped before the request finished: {output.error}")
+            if output.finished:  # name the model as clients know it, never by its server path
+                attach_generation_info(output, normalize_prompt(prompt), params, model)
             yield output
