@@ -89,20 +89,34 @@ class GatewayBackend:
         """Nothing to drain here: the engine servers own their requests."""
 
     async def generate(self, model: str, prompt: dict, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        route = self._pick(model)
-        route.outstanding += 1
-        route.routed += 1
-        outcome, final = "aborted", None
+        """The outputs of one engine server. A request whose engine is lost before it sent
+        anything back (it died, or was not yet known to be dead when this request was routed)
+        goes to the next engine; once outputs have flowed, losing the engine is a 503."""
+        outcome, final, tried = "aborted", None, set()
         try:
-            async for output in route.client.generate(prompt, params, raise_when_lost=True):
-                if output.finished:
-                    outcome, final = outcome_of(output), output
-                yield output
-        except ServerUnavailableError as exc:
-            outcome = "failed"
-            route.healthy = False  # until it answers a health check again
-            log.warning("engine server %s is unavailable: %s", route.address, exc)
-            raise EngineDeadError(f"the engine server handling this request is unavailable: {exc}") from None
+            while True:
+                route = self._pick(model, tried)
+                tried.add(route.address)
+                route.outstanding += 1
+                route.routed += 1
+                started = False
+                try:
+                    async for output in route.client.generate(prompt, params, raise_when_lost=True):
+                        started = True
+                        if output.finished:
+                            outcome, final = outcome_of(output), output
+                        yield output
+                    return
+                except ServerUnavailableError as exc:
+                    route.healthy = False  # until it answers a health check again
+                    log.warning("engine server %s is unavailable: %s", route.address, exc)
+                    if started or not self._has_other(model, tried):
+                        outcome = "failed"
+                        raise EngineDeadError(
+                            f"the engine server handling this request is unavailable: {exc}"
+                        ) from None
+                finally:
+                    route.outstanding -= 1
         except ValueError:
             outcome = "rejected"
             raise
@@ -110,17 +124,19 @@ class GatewayBackend:
             outcome = "overloaded"
             raise
         finally:
-            route.outstanding -= 1
             if self.metrics is not None:
                 self.metrics.observe_request(outcome, final)
 
-    def _pick(self, model: str) -> EngineRoute:
-        candidates = [route for route in self.routes if route.healthy and route.model == model]
+    def _pick(self, model: str, tried: set[str]) -> EngineRoute:
+        candidates = [r for r in self.routes if r.healthy and r.model == model and r.address not in tried]
         if not candidates:
             raise EngineDeadError(f"no engine server serving {model!r} is available")
         turn = next(self._turn)
         # fewest outstanding first; among equals, take them in turn
         return min(candidates, key=lambda r: (r.outstanding, (self.routes.index(r) - turn) % len(self.routes)))
+
+    def _has_other(self, model: str, tried: set[str]) -> bool:
+        return any(r.healthy and r.model == model and r.address not in tried for r in self.routes)
 
     # -- health -------------------------------------------------------------------------------
     async def _health_loop(self) -> None:
