@@ -119,6 +119,6 @@ def test_every_readme_block_runs_as_written(_preset_cache):
     assert server is not None and server.proc.returncode == 0, "README's serve block did not stop cleanly"
     assert any("stepweave generate" in body for body in ran)
     # what the blocks say they write is there
-    for name in ("seven.png", "fox.png", "fox-2.png", "dit-0.png", "dit-1.png"):
+    for name in ("seven.png", "fox.png", "fox-2.png", "dit-0.png", "dit-1.png", "curl-fox.png", "openai-fox.png"):
         assert (work / name).is_file(), name
     assert "request " in (work / "server.log").read_text()  # one log line per finished request
