@@ -3,8 +3,8 @@ gateway`) against the embedded AsyncEngine and AsyncEngineClient, and the gatewa
 engine servers against one at saturation, measured in the same run.
 
 Overhead: the workload of benchmarks/client_overhead.py (tiny model, few steps, small images,
-so the front door is a visible share), one request at a time, rounds alternating between the
-paths. Every remote path talks to the same server process (the ZeroMQ and HTTP doors share its
+so the front door is a visible share), one request at a time, the paths taking turns request by
+request. Every remote path talks to the same server process (the ZeroMQ and HTTP doors share its
 engine), with the in-process executor and one intra-op thread, like the embedded engine here.
 The HTTP paths also PNG-encode and base64 the image, as the API must.
 Saturation: a burst of concurrent HTTP requests to a gateway over one engine server and to a
@@ -66,12 +66,15 @@ def _body(args, seed: int) -> dict:
     return {"prompt": f"a lighthouse {seed}", "size": size, "num_inference_steps": args.steps, "seed": seed}
 
 
-async def _sequential(run, n: int) -> list[float]:
-    latencies = []
+async def _sequential(paths: dict, n: int) -> dict[str, list[float]]:
+    """n requests per path, one at a time, the paths taking turns request by request (so a
+    busy moment on the shared machine hits every path alike)."""
+    latencies = {name: [] for name in paths}
     for i in range(n):
-        t0 = time.perf_counter()
-        await run(i)
-        latencies.append(time.perf_counter() - t0)
+        for name, run in paths.items():
+            t0 = time.perf_counter()
+            await run(i)
+            latencies[name].append(time.perf_counter() - t0)
     return latencies
 
 
@@ -137,12 +140,11 @@ async def measure(args) -> dict:
         }
         latencies = {name: [] for name in paths}
         rates = {"one_engine": [], "two_engines": []}
-        for run in paths.values():  # warm-up: first-call costs stay out of the numbers
-            await _sequential(run, 2)
+        await _sequential(paths, 2)  # warm-up: first-call costs stay out of the numbers
         await _burst(http, gateway_urls[1], args)
         for _ in range(args.rounds):
-            for name, run in paths.items():
-                latencies[name] += await _sequential(run, args.requests)
+            for name, values in (await _sequential(paths, args.requests)).items():
+                latencies[name] += values
             rates["one_engine"].append(await _burst(http, gateway_urls[0], args))
             rates["two_engines"].append(await _burst(http, gateway_urls[1], args))
     finally:

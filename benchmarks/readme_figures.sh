@@ -9,7 +9,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 R=docs/results
 mkdir -p "$R"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(overhead cfg pp throughput adapter flux-sd3 client)
+[ ${#steps[@]} -eq 0 ] && steps=(overhead cfg pp throughput adapter flux-sd3 client http)
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S))"
     case "$step" in
@@ -31,6 +31,7 @@ for step in "${steps[@]}"; do
                     --plot "docs/throughput_$model.png"
             done ;;
         client) python benchmarks/client_overhead.py --json "$R/client_overhead.json" --plot docs/client_overhead.png ;;
+        http) python benchmarks/http_overhead.py --json "$R/http_overhead.json" --plot docs/http_overhead.png ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

@@ -60,19 +60,20 @@ class GatewayBackend:
         self.health_interval_s = health_interval_s
         self.metrics = metrics
         self._turn = itertools.count()
-        self._health_task: asyncio.Task | None = None
+        self._health_tasks: list[asyncio.Task] = []
         if metrics is not None:
             metrics.registry.register(_RoutesCollector(self.routes))
 
     async def start(self) -> None:
         """Check every engine once, then keep checking in the background."""
-        await self._check_all()
-        self._health_task = asyncio.create_task(self._health_loop())
+        await asyncio.gather(*(self._check(route) for route in self.routes))
+        # one loop per engine: a dead one's slow checks (timeout_s each) never delay the others'
+        self._health_tasks = [asyncio.create_task(self._health_loop(route)) for route in self.routes]
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
+        for task in self._health_tasks:
+            task.cancel()
+        await asyncio.gather(*self._health_tasks, return_exceptions=True)
         for route in self.routes:
             await route.client.close()
 
@@ -139,13 +140,10 @@ class GatewayBackend:
         return any(r.healthy and r.model == model and r.address not in tried for r in self.routes)
 
     # -- health -------------------------------------------------------------------------------
-    async def _health_loop(self) -> None:
+    async def _health_loop(self, route: EngineRoute) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
-            await self._check_all()
-
-    async def _check_all(self) -> None:
-        await asyncio.gather(*(self._check(route) for route in self.routes))
+            await self._check(route)
 
     async def _check(self, route: EngineRoute) -> None:
         try:

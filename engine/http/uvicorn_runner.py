@@ -52,6 +52,10 @@ def bind_http(host: str, port: int) -> socket.socket:
         family, _, _, _, address = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this. Without it a kept-alive connection's responses wait
+        # on Nagle's algorithm and the client's delayed ACK: ~40 ms per request on loopback (uvicorn
+        # sets it on sockets it binds itself, not on one handed to it).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
     except OSError as exc:
         raise ValueError(f"--http {host}:{port}: cannot bind: {exc.strerror or exc}") from None
