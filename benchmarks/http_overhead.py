@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,15 +79,22 @@ async def _sequential(paths: dict, n: int) -> dict[str, list[float]]:
     return latencies
 
 
-async def _burst(http: httpx.AsyncClient, url: str, args) -> float:
-    """Requests per second for a burst of concurrent HTTP requests."""
+def _cpu_s(pids: list[int]) -> list[float]:
+    """CPU seconds (user + system, all threads) each process has used so far."""
+    return [sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids]
+
+
+async def _burst(http: httpx.AsyncClient, url: str, args, pids: list[int]) -> tuple[float, list[float]]:
+    """Requests per second for a burst of concurrent HTTP requests, and the cores each of
+    `pids` kept busy meanwhile (CPU seconds over wall seconds)."""
     body = {**_body(args, 0), "size": f"{args.burst_size}x{args.burst_size}", "num_inference_steps": args.burst_steps}
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(pids), time.perf_counter()
     posts = [http.post(f"{url}/v1/images/generations", json={**body, "seed": i}) for i in range(args.burst)]
     responses = await asyncio.gather(*posts)
     elapsed = time.perf_counter() - t0
+    cores = [(after - before) / elapsed for before, after in zip(cpu0, _cpu_s(pids))]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:1]
-    return args.burst / elapsed
+    return args.burst / elapsed, cores
 
 
 async def measure(args) -> dict:
@@ -140,13 +148,23 @@ async def measure(args) -> dict:
         }
         latencies = {name: [] for name in paths}
         rates = {"one_engine": [], "two_engines": []}
+        cores = {"one_engine": [], "two_engines": []}
+        # engine server 0, engine server 1, the gateway in use, and this process (the HTTP client)
+        pids = {
+            "one_engine": [servers[0].proc.pid, servers[1].proc.pid, gateways[0].proc.pid, os.getpid()],
+            "two_engines": [servers[0].proc.pid, servers[1].proc.pid, gateways[1].proc.pid, os.getpid()],
+        }
+        load_before = os.getloadavg()[0]
         await _sequential(paths, 2)  # warm-up: first-call costs stay out of the numbers
-        await _burst(http, gateway_urls[1], args)
+        await _burst(http, gateway_urls[1], args, pids["two_engines"])
         for _ in range(args.rounds):
             for name, values in (await _sequential(paths, args.requests)).items():
                 latencies[name] += values
-            rates["one_engine"].append(await _burst(http, gateway_urls[0], args))
-            rates["two_engines"].append(await _burst(http, gateway_urls[1], args))
+            for key, url in (("one_engine", gateway_urls[0]), ("two_engines", gateway_urls[1])):
+                rate, used = await _burst(http, url, args, pids[key])
+                rates[key].append(rate)
+                cores[key].append(used)
+        load_after = os.getloadavg()[0]
     finally:
         await http.aclose()
         await client.close()
@@ -167,6 +185,12 @@ async def measure(args) -> dict:
     result["two_engines_req_per_s"] = statistics.median(rates["two_engines"])
     result["two_engines_speedup"] = result["two_engines_req_per_s"] / result["one_engine_req_per_s"]
     result["cpu_cores"] = os.cpu_count()
+    # cores each process kept busy during the bursts (1.0: a core of its own): engine servers 0
+    # and 1, the gateway, and the benchmark's HTTP client
+    for key in ("one_engine", "two_engines"):
+        used = [statistics.median(c[k] for c in cores[key]) for k in range(4)]
+        result[f"{key}_cores_used"] = dict(zip(("engine0", "engine1", "gateway", "client"), used))
+    result["load_average_1m"] = [load_before, load_after]  # the machine's, other users' jobs included
     return result
 
 
@@ -199,6 +223,9 @@ def main(argv=None) -> dict:
         f"gateway over 1 engine {r['one_engine_req_per_s']:.2f} req/s, over 2 engines "
         f"{r['two_engines_req_per_s']:.2f} req/s (x{r['two_engines_speedup']:.2f}) on {r['cpu_cores']} cores"
     )
+    for key in ("one_engine", "two_engines"):
+        print(f"cores used, {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in r[f"{key}_cores_used"].items()))
+    print(f"load average (1 min) before / after: {r['load_average_1m'][0]:.1f} / {r['load_average_1m'][1]:.1f}")
     report = {"results": r, "config": vars(args)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))

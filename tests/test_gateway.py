@@ -96,3 +96,15 @@ async def test_killing_an_engine_fails_only_its_in_flight_requests(gateway, engi
     metrics = _metrics(gateway)
     assert metrics[("stepweave_engine_up", (("engine", victim.address),))] == 0
     assert metrics[("stepweave_engine_up", (("engine", survivor.address),))] == 1
+
+
+def test_a_gateway_with_no_engine_up_answers_503():
+    gateway = GatewayProcess(["ipc:///tmp/sw-nobody/engine.sock"], "--engine-timeout", "0.5").wait_ready()
+    try:
+        assert httpx.get(f"{gateway.url}/health").status_code == 503
+        response = httpx.post(f"{gateway.url}/v1/images/generations", json=QUICK)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
+        metrics = _metrics(gateway)
+        assert metrics[("stepweave_engine_up", (("engine", "ipc:///tmp/sw-nobody/engine.sock"),))] == 0
+    finally:
+        gateway.stop()

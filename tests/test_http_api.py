@@ -308,3 +308,17 @@ async def test_a_full_queue_answers_429_and_others_keep_running(server):
         assert metrics[("stepweave_requests_total", (("outcome", "overloaded"),))] >= 3
     state = _wait_no_requests(server)
     assert not state.all_worker_requests and not state.all_server_requests, state
+
+
+def test_http_connections_send_without_nagle_delay():
+    """Accepted connections inherit TCP_NODELAY from the listening socket: without it every
+    response on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
+    import socket
+
+    from engine.http.uvicorn_runner import bind_http
+
+    listener = bind_http("127.0.0.1", 0)
+    with listener, socket.create_connection(listener.getsockname()[:2]):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

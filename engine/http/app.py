@@ -76,9 +76,9 @@ def build_app(
     async def generations(request: Request) -> Response:
         check_auth(request)
         image_request = parse_generation_request(await read_json(request, max_body_bytes))
-        model = check_model(image_request, backend.models())
         if not backend.serving:
             raise unavailable("the engine is not taking requests (shutting down or dead)")
+        model = check_model(image_request, backend.models())
         generation = Generation(backend, model, image_request, request)
         route = "/v1/images/generations"
         try:
