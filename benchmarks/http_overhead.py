@@ -42,7 +42,12 @@ class _Process:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         with open(log_path, "wb") as log:
             command = [sys.executable, "-m", "engine.cli", *args]
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # a session of its own, as a service under a supervisor has: with the kernel's
+            # autogroup scheduling, CPU time is shared per session, so servers started inside this
+            # script's session would split one share however many there are
+            self.proc = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     async def ready(self, marker: str, pattern: str, timeout_s: float = 300.0) -> str | None:
         deadline = time.monotonic() + timeout_s

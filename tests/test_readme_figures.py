@@ -169,6 +169,7 @@ def _http(reports) -> dict[str, list[str]]:
         "http": "HTTP → `stepweave serve --http`",
         "gateway": "HTTP → `stepweave gateway` → `stepweave serve`",
     }
+    client = r["async_client_p50_ms"]
     for name, label in labels.items():
         p50 = r[f"{name}_p50_ms"]
         rows[label] = [
@@ -176,6 +177,8 @@ def _http(reports) -> dict[str, list[str]]:
             f"{r[f'{name}_p90_ms']:.2f} ms",
             f"{p50 - r['embedded_p50_ms']:+.2f} ms ({_x(p50 / r['embedded_p50_ms'])})",
         ]
+        if name != "async_client":
+            rows[label].append(f"{p50 - client:+.2f} ms ({_x(p50 / client)})")
     one, two = r["one_engine_req_per_s"], r["two_engines_req_per_s"]
     rows[f"gateway over 1 engine server, {burst} at once"] = [f"{one:.2f} req/s"]
     rows[f"gateway over 2 engine servers, {burst} at once"] = [f"{two:.2f} req/s", "", _x(two / one)]

@@ -89,6 +89,7 @@ def build_app(
             generation.close()
             raise
         if kind == GONE:
+            generation.close()
             return answer(route, Response(status_code=CLIENT_GONE))
         if kind == ERROR:
             generation.close()

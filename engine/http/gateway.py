@@ -79,8 +79,7 @@ class GatewayBackend:
 
     # -- the backend the HTTP app uses ------------------------------------------------------
     def models(self) -> list[str]:
-        served = sorted({route.model for route in self.routes if route.model is not None})
-        return served or ["none"]
+        return sorted({route.model for route in self.routes if route.model is not None})
 
     @property
     def serving(self) -> bool:

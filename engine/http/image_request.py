@@ -143,7 +143,9 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def check_model(request: ImageRequest, served: list[str]) -> str:
-    """The model to use: the one named, which must be served, or the only one served."""
+    """The model to use: the one named, which must be served, or the first one served."""
+    if not served:
+        raise APIError(503, "no engine is serving any model yet", type="server_error", code="engine_unavailable")
     if request.model is None:
         return served[0]
     if request.model not in served:
