@@ -11,6 +11,8 @@ import asyncio
 import base64
 import io
 import json
+import signal
+import threading
 import time
 
 import httpx
@@ -122,8 +124,9 @@ def _events(response) -> list[tuple[str, dict]]:
 
 
 def test_stream_has_one_progress_event_per_step_then_the_image(http):
-    # 256x256 makes each step slow enough that no progress update is coalesced with the next
-    body = {"prompt": "a fox", "size": "256x256", "num_inference_steps": 6, "seed": 8}
+    # steps of a few ms: the engine coalesces progress the stream has not read yet, and the
+    # stream still announces every step
+    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 6, "seed": 8}
     with http.stream("POST", "/v1/images/generations", json={**body, "stream": True}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         events = _events(response)
@@ -132,7 +135,7 @@ def test_stream_has_one_progress_event_per_step_then_the_image(http):
     assert all(data["num_steps"] == 6 for kind, data in events[:-1])
     kind, completed = events[-1]
     assert kind == completed["type"] == "image_generation.completed"
-    assert completed["size"] == "256x256" and completed["seed"] == 8 and completed["output_format"] == "png"
+    assert completed["size"] == "64x64" and completed["seed"] == 8 and completed["output_format"] == "png"
     plain = http.post("/v1/images/generations", json=body).json()
     assert completed["b64_json"] == plain["data"][0]["b64_json"]  # the same request, the same PNG
 
@@ -322,3 +325,38 @@ def test_http_connections_send_without_nagle_delay():
         accepted, _ = listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_sigterm_drains_http_requests_and_refuses_new_ones(qwen_dir):
+    """SIGTERM: /health turns 503 and new requests get 503, the running HTTP request still
+    finishes with its image, then the server exits 0."""
+    proc = ServerProcess(qwen_dir, "--http", "127.0.0.1:0", "--drain-timeout", "120")
+    try:
+        proc.wait_ready()
+        body = {"prompt": "a fox", "size": "256x256", "num_inference_steps": 400, "seed": 2}
+        with httpx.Client(base_url=proc.http_url, timeout=120) as http:
+            result = {}
+            runner = threading.Thread(target=lambda: result.update(r=http.post("/v1/images/generations", json=body)))
+            runner.start()
+            _wait_running(proc)
+            proc.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while http.get("/health").status_code != 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            refused = http.post("/v1/images/generations", json={**body, "num_inference_steps": 2})
+            _error(refused, 503, None, "engine_unavailable")
+            assert runner.is_alive(), "the request ended before the drain could be seen"
+            runner.join(timeout=120)
+        assert result["r"].status_code == 200, result["r"].text
+        assert proc.proc.wait(timeout=60) == 0, proc.log()
+    finally:
+        proc.stop()
+
+
+def _wait_running(proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with EngineClient(proc.address) as client:
+        while not client.debug_state().all_worker_requests:
+            assert time.monotonic() < deadline, "the HTTP request never started"
+            time.sleep(0.05)

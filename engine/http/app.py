@@ -163,21 +163,25 @@ async def _images_body(output, request: ImageRequest) -> dict:
 
 
 async def _stream(generation: Generation, kind: str, payload, request: ImageRequest):
-    """The event stream: progress per step, then a completed event per image (or an error)."""
+    """The event stream: progress per step, then a completed event per image (or an error).
+    The engine keeps only a request's latest progress for a consumer that fell behind; the
+    steps it skipped are done too, so each still gets its event, late."""
+    done = 0  # the steps announced so far
     try:
         while True:
-            if kind == PROGRESS:
-                yield sse_events.progress_event(payload.step, payload.num_steps)
-            elif kind == FINAL:
-                yield sse_events.progress_event(payload.num_steps, payload.num_steps)  # the last step's
+            if kind in (PROGRESS, FINAL):
+                reached = payload.num_steps if kind == FINAL else payload.step
+                for step in range(done + 1, reached + 1):
+                    yield sse_events.progress_event(step, payload.num_steps)
+                done = max(done, reached)
+            if kind == FINAL:
                 for index, b64 in enumerate(await _encoded(payload, request)):
                     seed = None if payload.seed is None else payload.seed + index
                     yield sse_events.completed_event(b64, index, seed, _size(payload), request.output_format, USAGE)
                 return
-            elif kind == ERROR:
+            if kind == ERROR:
                 yield sse_events.error_event(payload.body())
-                return
-            else:  # the client left
+            if kind in (ERROR, GONE):
                 return
             kind, payload = await generation.next()
     finally:
