@@ -22,6 +22,8 @@ def _gateway(args: argparse.Namespace) -> int:
         )
     if len(keys) == 1:
         keys = keys * len(args.engine)
+    if args.engine_timeout <= 0:
+        raise ValueError(f"--engine-timeout must be a positive number of seconds, got {args.engine_timeout}")
     if args.health_interval <= 0:
         raise ValueError(f"--health-interval must be a positive number of seconds, got {args.health_interval}")
     host, port = parse_http_address(args.http)
@@ -85,7 +87,13 @@ def add_gateway_parser(commands) -> None:
         default=None,
         help="CURVE public key file: once for all engines or once per --engine",
     )
-    gateway.add_argument("--engine-timeout", type=float, default=2.0, help="seconds an engine may take to answer")
+    gateway.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an engine may stay silent (a health check, or its heartbeat replies) before it counts as down; "
+        "an engine process that exits is noticed at once",
+    )
     gateway.add_argument("--health-interval", type=float, default=0.5, help="seconds between health checks")
     gateway.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="info: engines going up and down")
     add_http_args(gateway)

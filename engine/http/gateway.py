@@ -48,7 +48,7 @@ class GatewayBackend:
         *,
         auth_token: str | None = None,
         server_keys: list[str | Path | None] | None = None,
-        timeout_s: float = 2.0,
+        timeout_s: float = 5.0,
         health_interval_s: float = 0.5,
         metrics: ServiceMetrics | None = None,
     ):
