@@ -9,7 +9,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 R=docs/results
 mkdir -p "$R"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(overhead cfg pp throughput adapter flux-sd3 client video)
+[ ${#steps[@]} -eq 0 ] && steps=(overhead cfg pp throughput adapter flux-sd3 client video http)
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S))"
     case "$step" in
@@ -32,6 +32,7 @@ for step in "${steps[@]}"; do
             done ;;
         client) python benchmarks/client_overhead.py --json "$R/client_overhead.json" --plot docs/client_overhead.png ;;
         video) python benchmarks/video_throughput.py --json "$R/video_throughput.json" --plot docs/video_throughput.png ;;
+        http) python benchmarks/http_overhead.py --json "$R/http_overhead.json" --plot docs/http_overhead.png ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

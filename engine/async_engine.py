@@ -17,7 +17,7 @@ import itertools
 import queue
 import threading
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from engine.contract.config import EngineConfig
 from engine.contract.errors import EngineDeadError
@@ -27,6 +27,7 @@ from engine.contract.sampling_params import SamplingParams
 from engine.core.engine_core import EngineCore
 from engine.generation_info import attach_generation_info
 from engine.image_fan_out import join_outputs, progress_of, split_images, sub_request_id
+from engine.request_outcome import outcome_of
 from engine.request_stream import RequestStream
 
 HEALTH_POLL_S = 0.5  # how often an idle engine checks that its workers are alive
@@ -50,6 +51,10 @@ class AsyncEngine:
         self._dead: str | None = None
         self._stopped = False
         self._queries: list[asyncio.Future] = []
+        # Called on the caller's event loop once per request with its outcome ("ok", "failed",
+        # "aborted", "overloaded", "rejected") and its final output (None when it had none):
+        # how the metrics see every front door's requests.
+        self.request_observers: list[Callable[[str, RequestOutput | None], None]] = []
         self._ensure_running()  # the core thread also watches the workers while idle
 
     # -- public API --------------------------------------------------------------------------
@@ -79,7 +84,11 @@ class AsyncEngine:
         # request under the same user id (aborted, its last step still running) cannot reach
         # this one's stream.
         engine_ids = [f"{uid}@{next(self._incarnations)}" for uid in user_ids]
-        requests = [self.core.make_request(fields, p, eid) for p, eid in zip(per_image, engine_ids)]
+        try:
+            requests = [self.core.make_request(fields, p, eid) for p, eid in zip(per_image, engine_ids)]
+        except ValueError:
+            self._observe("rejected", None)
+            raise
         streams = []
         self._live[request_id] = engine_ids
         for request, uid in zip(requests, user_ids):
@@ -90,6 +99,7 @@ class AsyncEngine:
             self._inputs.put(("add", request))
             streams.append(stream)
         finished = [False] * len(engine_ids)
+        final = None
         try:
             async for output in _merged(request_id, streams, finished, params, requests[0].num_steps):
                 if output.finished:
@@ -97,9 +107,17 @@ class AsyncEngine:
                     # The id is free once its final output is out, even if the caller never
                     # asks for more (the generator would only end at its next __anext__).
                     self._forget(request_id, engine_ids, streams, finished)
+                    final = output
+                    self._observe(outcome_of(output), output)
                 yield output
         finally:
             self._forget(request_id, engine_ids, streams, finished)
+            if final is None:  # the caller left before the end: the request was aborted
+                self._observe("aborted", None)
+
+    def _observe(self, outcome: str, output: RequestOutput | None) -> None:
+        for observer in self.request_observers:
+            observer(outcome, output)
 
     def _forget(
         self, request_id: str, engine_ids: list[str], streams: list[RequestStream], finished: list[bool]

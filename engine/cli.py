@@ -228,6 +228,7 @@ def _serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("stepweave.server")
     address = args.address or default_address()
     check_bind_address(address, args.auth_token)  # before loading anything
+    http_socket = _bind_http(args) if args.http is not None else None
     if args.curve_secret_key is not None:
         load_server_keys(args.curve_secret_key)
     if address.startswith("ipc://"):
@@ -254,8 +255,33 @@ def _serve(args: argparse.Namespace) -> int:
     except BaseException:
         engine.shutdown()
         raise
-    asyncio.run(server.serve())
+    if http_socket is None:
+        asyncio.run(server.serve())
+    else:
+        from engine.http.serve_app import serve_with_http
+
+        asyncio.run(serve_with_http(server, http_socket, api_key=args.api_key, max_body_bytes=args.max_body_bytes))
     return server.exit_code
+
+
+def _bind_http(args: argparse.Namespace):
+    """The HTTP API's listening socket, bound before the model loads (a taken port is exit 2)."""
+    from engine.http.uvicorn_runner import bind_http, check_http_exposure, parse_http_address
+
+    host, port = parse_http_address(args.http)
+    check_http_exposure(host, args.api_key)
+    return bind_http(host, port)
+
+
+def add_http_args(parser: argparse.ArgumentParser) -> None:
+    """The HTTP API's flags, shared by serve and gateway."""
+    http = parser.add_argument_group("HTTP API (OpenAI Images)")
+    http.add_argument(
+        "--api-key",
+        default=os.environ.get("STEPWEAVE_API_KEY"),
+        help="Bearer key that /v1/ requests must carry (from $STEPWEAVE_API_KEY if set; required off loopback)",
+    )
+    http.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -287,6 +313,9 @@ def _add_serve_parsers(commands) -> None:
     )
     add_engine_args(serve)
     serve.add_argument("--address", default=None, help=f"ipc://PATH or tcp://HOST:PORT (default {default_address()})")
+    serve.add_argument(
+        "--http", default=None, metavar="HOST:PORT", help="also serve OpenAI's Images API, /health and /metrics here"
+    )
     serve.add_argument(
         "--max-waiting", type=int, default=None, help="bound on queued requests; more are rejected as overloaded"
     )
@@ -338,6 +367,7 @@ def _add_serve_parsers(commands) -> None:
         default="info",
         help="info: start, ready and stop, and one line per finished request; warning: problems only",
     )
+    add_http_args(serve)
     serve.set_defaults(func=_serve)
 
     status = commands.add_parser(
@@ -390,6 +420,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.bench_cli import add_bench_parser
+    from engine.gateway_cli import add_gateway_parser
 
     parser = CommandParser(prog="stepweave", description="Continuous-batching diffusion serving", epilog=EXIT_CODES)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -413,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(func=_keygen)
 
     add_bench_parser(commands)
+    add_gateway_parser(commands)
     return parser
 
 

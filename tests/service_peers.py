@@ -57,6 +57,8 @@ class ServerProcess:
             assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{self.log()}"
             time.sleep(0.05)
         self.address = re.search(r"server ready: serving .* on (\S+) \(protocol", self.log()).group(1)
+        http = re.search(r"HTTP API \(OpenAI Images\) on (\S+)", self.log())
+        self.http_url = None if http is None else http.group(1)  # with --http HOST:0, the port it got
         return self
 
     def children(self) -> set[int]:
@@ -130,3 +132,50 @@ def no_request_state(state) -> bool:
 
 async def collect(stream):
     return [o async for o in stream]
+
+
+class GatewayProcess:
+    """`python -m engine.cli gateway` on a free loopback port, over the given engine addresses."""
+
+    def __init__(self, engines: list[str], *args: str):
+        self.dir = tempfile.mkdtemp(prefix="sw-gw-", dir="/tmp")
+        self.log_path = Path(self.dir) / "gateway.log"
+        self._log_file = open(self.log_path, "wb")
+        command = [sys.executable, "-m", "engine.cli", "gateway", "--http", "127.0.0.1:0", *args]
+        for address in engines:
+            command += ["--engine", address]
+        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> "GatewayProcess":
+        deadline = time.monotonic() + timeout
+        while "gateway ready" not in self.log():
+            assert self.proc.poll() is None, f"gateway exited with {self.proc.returncode}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"gateway not ready after {timeout} s:\n{self.log()}"
+            time.sleep(0.05)
+        self.url = re.search(r"gateway ready: (\S+) over", self.log()).group(1)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def metric_samples(text: str) -> dict[tuple, float]:
+    """Prometheus text -> {(sample name, sorted labels): value}, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

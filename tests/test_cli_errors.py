@@ -41,6 +41,18 @@ MISTAKES = [
     ),
     (["export-preset", "tiny-dit", "/proc/forbidden"], EXIT_USAGE, "cannot write /proc/forbidden"),
     (["serve", "--address", "tcp://0.0.0.0:5555"], EXIT_USAGE, "--auth-token"),
+    (["serve", "--http", "localhost"], EXIT_USAGE, "--http must be HOST:PORT with a port in [0, 65535]"),
+    (["serve", "--http", "0.0.0.0:8000"], EXIT_USAGE, "binding a non-loopback address requires --api-key"),
+    (
+        ["gateway", "--engine", "ipc:///tmp/sw-nobody/a.sock"],
+        EXIT_USAGE,
+        "the following arguments are required: --http",
+    ),
+    (
+        ["gateway", "--http", "127.0.0.1:0", "--engine", "ipc:///tmp/a", "--server-key", "k1", "--server-key", "k2"],
+        EXIT_USAGE,
+        "--server-key: give one for all engines or one per --engine (1), got 2",
+    ),
     (["status", "--address", "ipc:///tmp/sw-nobody/x.sock", "--timeout", "0.5"], EXIT_FAILED, "no stepweave server"),
     (["bench", "--bogus"], EXIT_USAGE, "stepweave bench: error: unrecognized arguments: --bogus"),
     (["frobnicate"], EXIT_USAGE, "argument COMMAND: invalid choice: 'frobnicate'"),

@@ -52,6 +52,7 @@ def test_remote_client_loads_neither_torch_nor_diffusers():
 import sys
 from engine import AsyncEngineClient, EngineClient, SamplingParams
 from engine.contract.request_fields import request_fields
+import engine.gateway_cli, engine.http.app, engine.http.gateway  # the gateway is a remote client too
 try:
     request_fields("a fox", SamplingParams(num_inference_steps=0))
 except ValueError as exc:

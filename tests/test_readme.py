@@ -128,6 +128,8 @@ def test_every_readme_block_runs_as_written(_preset_cache):
         "dit-0.png",
         "dit-1.png",
         "waves.mp4",
+        "curl-fox.png",
+        "openai-fox.png",
     )
     for name in written:
         assert (work / name).is_file(), name

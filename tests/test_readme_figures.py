@@ -181,6 +181,32 @@ def _gpu(reports) -> dict[str, list[str]]:
     return rows
 
 
+def _http(reports) -> dict[str, list[str]]:
+    (report,) = reports
+    r = report["results"]
+    burst = report["config"]["burst"]
+    rows = {"embedded `AsyncEngine`": [f"{r['embedded_p50_ms']:.2f} ms", f"{r['embedded_p90_ms']:.2f} ms"]}
+    labels = {
+        "async_client": "`AsyncEngineClient` → `stepweave serve` (ipc)",
+        "http": "HTTP → `stepweave serve --http`",
+        "gateway": "HTTP → `stepweave gateway` → `stepweave serve`",
+    }
+    client = r["async_client_p50_ms"]
+    for name, label in labels.items():
+        p50 = r[f"{name}_p50_ms"]
+        rows[label] = [
+            f"{p50:.2f} ms",
+            f"{r[f'{name}_p90_ms']:.2f} ms",
+            f"{p50 - r['embedded_p50_ms']:+.2f} ms ({_x(p50 / r['embedded_p50_ms'])})",
+        ]
+        if name != "async_client":
+            rows[label].append(f"{p50 - client:+.2f} ms ({_x(p50 / client)})")
+    one, two = r["one_engine_req_per_s"], r["two_engines_req_per_s"]
+    rows[f"gateway over 1 engine server, {burst} at once"] = [f"{one:.2f} req/s"]
+    rows[f"gateway over 2 engine servers, {burst} at once"] = [f"{two:.2f} req/s", "", _x(two / one)]
+    return rows
+
+
 def _mutations(reports) -> dict[str, list[str]]:
     (report,) = reports
     return {m["name"]: [m["path"], "caught" if m["caught"] else "MISSED"] for m in report["mutations"]}
@@ -261,6 +287,8 @@ def _expected(paths: list[str]) -> dict[str, list[str]]:
         return _adapter(reports)
     if name == "client_overhead":
         return _client(reports)
+    if name == "http_overhead":
+        return _http(reports)
     if name == "mutation_check":
         return _mutations(reports)
     if name == "chaos":
@@ -272,7 +300,7 @@ def _expected(paths: list[str]) -> dict[str, list[str]]:
 
 def test_every_committed_result_backs_a_readme_table():
     tables = _tables()
-    assert len(tables) >= 9
+    assert len(tables) >= 10
     marked = [p for paths, _ in tables for p in paths]
     committed = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*.json"))
     assert sorted(marked) == committed

@@ -14,8 +14,9 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 
@@ -53,11 +54,15 @@ class EngineStats:
     restarts: int = 0  # worker grids started after a crash
     restart_s: float = 0.0  # wall time of the last restart (crash noticed to new grid ready)
     startup_s: float = 0.0  # wall time to start the first worker grid (a restart's baseline)
+    # Called from the core thread with each collected batch's rows and runner seconds (metrics).
+    batch_observers: list[Callable[[int, float], None]] = field(default_factory=list, repr=False)
 
     def record(self, results) -> None:
         self.batches += 1
         self.rows += len(results.outputs)
         self.execute_s += results.execute_s
+        for observer in self.batch_observers:
+            observer(len(results.outputs), results.execute_s)
         if results.idle_s is not None:
             self.worker_idle_s += results.idle_s
             self.worker_idle_gaps += 1

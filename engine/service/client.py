@@ -62,15 +62,21 @@ class AsyncEngineClient:
         prompt: str | dict,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        raise_when_lost: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Yield progress outputs (step k of n), then the final output with images. ValueError
-        for a bad request; ServerUnavailableError when the server cannot be reached."""
+        for a bad request; ServerUnavailableError when the server cannot be reached. A server
+        lost mid-request ends the stream with a failed output, or, with `raise_when_lost`, raises
+        ServerUnavailableError (a gateway tells a dead engine from a failed request that way)."""
         conn, wire_id, stream, settings = await self._submit(prompt, sampling_params, request_id, stream=True)
         finished = False
         try:
             while not finished:
                 output = await stream.get()
                 finished = output.finished
+                if finished and raise_when_lost and stream.lost is not None:
+                    raise stream.lost
                 if finished:
                     _attach_info(output, conn, settings)
                 yield output
@@ -96,6 +102,11 @@ class AsyncEngineClient:
         except (ServerUnavailableError, asyncio.TimeoutError):
             return False
         return pong.serving
+
+    async def served_model(self) -> str:
+        """The model the server named in its welcome (no server paths)."""
+        conn = await self._connection()
+        return conn.welcome.result().model
 
     async def debug_state(self) -> StateReply:
         """Request ids the workers and the server still hold (all clients'; for tests/debugging)."""

@@ -119,6 +119,7 @@ class EngineServer:
         self._decoder = Decoder(ClientMessage, max_frames=MAX_CLIENT_FRAMES)
         self._ref_decoder = msgspec.msgpack.Decoder(RequestRef)
         self._draining = False
+        self.other_requests: set[asyncio.Task] = set()  # another front door's (the HTTP API's): drained too
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
         self._socket: zmq.asyncio.Socket | None = None
@@ -192,7 +193,7 @@ class EngineServer:
         self.request_stop()
 
     async def _drain(self) -> None:
-        tasks = [t for s in self._sessions.values() for t in s.requests.values()]
+        tasks = [t for s in self._sessions.values() for t in s.requests.values()] + list(self.other_requests)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.drain_timeout_s)
             error = f"server shut down before the request finished (drain timeout {self.drain_timeout_s:g} s)"
@@ -204,6 +205,8 @@ class EngineServer:
                             session.identity,
                             Output(request_id=request_id, step=0, num_steps=0, finished=True, error=error),
                         )
+            for task in self.other_requests & pending:
+                task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             if pending:
                 log.info("aborted %d request(s) still running after the drain timeout", len(pending))
