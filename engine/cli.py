@@ -74,6 +74,27 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str = "tiny-
     )
     engine.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: float32")
     engine.add_argument("--compile", action="store_true", help="torch.compile the transformer (dynamic shapes)")
+    engine.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority", "deadline"],
+        default="fcfs",
+        help="which requests step next: fcfs; priority (SamplingParams.priority, aged); deadline "
+        "(SamplingParams.deadline_s, least slack first, preempting within --max-paused)",
+    )
+    engine.add_argument(
+        "--priority-aging-s", type=float, default=10.0, help="priority: seconds of waiting that add one level"
+    )
+    engine.add_argument(
+        "--deadline-admission",
+        choices=["reject", "best_effort"],
+        default="reject",
+        help="deadline: refuse a request that cannot meet its deadline even alone, or run it best effort",
+    )
+    engine.add_argument(
+        "--cost-profile",
+        default=None,
+        help="step-time cost profile: a JSON file or 'measure' (default: measure at start under deadline)",
+    )
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -86,6 +107,10 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
+        scheduling_policy=args.scheduling_policy,
+        priority_aging_s=args.priority_aging_s,
+        deadline_admission=args.deadline_admission,
+        cost_profile=args.cost_profile,
         **extra,
     )
 
@@ -125,6 +150,7 @@ def _request(args: argparse.Namespace) -> tuple[Any, dict]:
         seed=args.seed,
         scheduler=args.scheduler,
         num_images_per_prompt=args.num_images,
+        deadline_s=args.deadline_s,
     )
     prompt: dict = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.class_label is not None:
@@ -157,6 +183,13 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--scheduler", default=None, help="a diffusers scheduler class name (default: the model's)")
+    gen.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="seconds by which the image should be done; with --scheduling-policy deadline, a deadline it "
+        "cannot meet is refused before it runs (SamplingParams.deadline_s)",
+    )
     gen.add_argument(
         "--output",
         default="out.png",

@@ -1,0 +1,116 @@
+"""`deadline`: as many requests as possible finish by their deadline_s.
+
+- Order: least slack first. A request's slack is its deadline minus now minus the time its
+  remaining steps need alone (from the cost model); waiting requests are admitted earliest
+  deadline first.
+- Preemption at step boundaries: when more requests run than a step should hold, the ones with
+  the most slack sit the step out; their state stays on the workers. How many may sit out is
+  the scheduler's `max_paused` budget (EngineConfig.max_paused); a waiting request with an
+  earlier deadline than a running one starts within that budget instead of waiting for a slot.
+- Rows per step: more rows make every step slower (the cost model says how much), so of the
+  k most urgent requests it runs the k that lets the most of them still meet their deadlines,
+  the largest such k on ties.
+- Admission control: a request whose deadline_s is shorter than it needs even alone is refused
+  at submission (admission="reject", DeadlineUnmeetableError) or runs best effort
+  ("best_effort"). Until the cost model has a profile or a measured batch, nothing is refused.
+- No starvation: a request without a deadline, or one whose deadline can no longer be met
+  (it is then "late"), is ordered by a fallback deadline `horizon_s` after its own (or after its
+  arrival), so it outranks every request that arrives more than that later.
+"""
+
+from __future__ import annotations
+
+from engine.contract.errors import DeadlineUnmeetableError
+from engine.core.cost_model import CostModel
+from engine.core.keyed_queue import KeyedQueue
+from engine.core.policy import SchedulingPolicy
+from engine.core.request import Request
+
+ADMISSIONS = ("reject", "best_effort")
+HORIZON_S = 600.0
+
+
+class DeadlinePolicy(SchedulingPolicy):
+    name = "deadline"
+
+    def __init__(self, cost_model: CostModel | None = None, admission: str = "reject", horizon_s: float = HORIZON_S):
+        super().__init__(cost_model)
+        if admission not in ADMISSIONS:
+            raise ValueError(f"EngineConfig.deadline_admission must be one of {ADMISSIONS}, got {admission!r}")
+        self.admission = admission
+        self.horizon_s = horizon_s
+
+    # -- order -------------------------------------------------------------------------------
+    def key(self, request: Request) -> float:
+        """The deadline the request is ordered by."""
+        if request.deadline_at is None or request.late:
+            return request.fallback_at
+        return request.deadline_at
+
+    def _alone(self, request: Request, steps: int) -> float:
+        return self.cost_model.run_alone_time(request.shape, steps)
+
+    def _remaining(self, request: Request) -> int:
+        return max(0, request.num_steps - request.steps_scheduled)
+
+    def _check_late(self, request: Request, now: float) -> bool:
+        """Mark the request late once even running alone it would miss its deadline."""
+        if not request.late and request.deadline_at is not None:
+            if now + self._alone(request, self._remaining(request)) > request.deadline_at:
+                request.late = True
+        return request.late
+
+    # -- the four questions ----------------------------------------------------------------------
+    def new_queue(self) -> KeyedQueue:
+        return KeyedQueue(self.key)
+
+    def admit(self, request: Request) -> None:
+        deadline = request.params.deadline_s
+        if deadline is None:
+            request.fallback_at = request.arrival_time + self.horizon_s
+            return
+        need = self._alone(request, request.num_steps)
+        request.fallback_at = request.arrival_time + deadline + self.horizon_s
+        if self.cost_model.known and need > deadline:
+            if self.admission == "reject":
+                raise DeadlineUnmeetableError(
+                    f"SamplingParams.deadline_s={deadline:g} cannot be met: this request needs about {need:.2f} s "
+                    f"with the workers to itself ({request.num_steps} steps); ask for deadline_s >= {need:.2f}, "
+                    "fewer steps or a smaller image"
+                )
+            request.late = True  # best effort from the start
+        request.deadline_at = request.arrival_time + deadline
+
+    def prepare(self, queue: KeyedQueue, now: float) -> None:
+        """Waiting requests that can no longer make it move behind the ones that still can."""
+        while queue:
+            head = queue.peek()
+            if head.late or not self._check_late(head, now):
+                return
+            queue.rekey(head)
+
+    def may_pause_others(self, head, running, by_client) -> bool:
+        return bool(running) and self.key(head) < max(self.key(r) for r in running)
+
+    def choose(self, eligible, rows, now):
+        for request in eligible:
+            self._check_late(request, now)
+
+        def slack(r: Request) -> float:
+            return self.key(r) - now - self._alone(r, self._remaining(r))
+
+        def behind(r: Request) -> bool:  # best effort, until its fallback deadline passes
+            return (r.late or r.deadline_at is None) and now < r.fallback_at
+
+        order = sorted(eligible, key=lambda r: (behind(r), slack(r), r.last_batch))
+        best_k, best_met = 0, -1
+        for k in range(1, min(rows, len(order)) + 1):
+            step = self.cost_model.step_time(r.shape for r in order[:k])
+            met = sum(
+                1
+                for r in order[:k]
+                if not r.late and r.deadline_at is not None and now + self._remaining(r) * step <= r.deadline_at
+            )
+            if met >= best_met:
+                best_k, best_met = k, met
+        return order[:best_k]
