@@ -111,7 +111,7 @@ class CostModel:
         if self._since_fit >= self.refit_every or self.observed == 1:
             self.refit()
 
-    def refit(self, strength: float = 1e-3) -> None:
+    def refit(self, strength: float = 1e-6) -> None:
         """Ridge least squares towards the prior; negative coefficients are clipped (more work
         never makes a batch faster), then the rest refitted once without them."""
         self._since_fit = 0

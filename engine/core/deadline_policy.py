@@ -7,9 +7,9 @@
   the most slack sit the step out; their state stays on the workers. How many may sit out is
   the scheduler's `max_paused` budget (EngineConfig.max_paused); a waiting request with an
   earlier deadline than a running one starts within that budget instead of waiting for a slot.
-- Rows per step: more rows make every step slower (the cost model says how much), so of the
-  k most urgent requests it runs the k that lets the most of them still meet their deadlines,
-  the largest such k on ties.
+- Rows per step: more rows make every step slower (the cost model says how much), so the batch
+  grows in urgency order only while the extra row makes none of the more urgent requests that
+  would meet their deadlines miss them.
 - Admission control: a request whose deadline_s is shorter than it needs even alone is refused
   at submission (admission="reject", DeadlineUnmeetableError) or runs best effort
   ("best_effort"). Until the cost model has a profile or a measured batch, nothing is refused.
@@ -103,14 +103,22 @@ class DeadlinePolicy(SchedulingPolicy):
             return (r.late or r.deadline_at is None) and now < r.fallback_at
 
         order = sorted(eligible, key=lambda r: (behind(r), slack(r), r.last_batch))
-        best_k, best_met = 0, -1
-        for k in range(1, min(rows, len(order)) + 1):
+
+        # Grow the batch in urgency order while the extra row makes no more urgent request
+        # that would meet its deadline miss it.
+        def meeting(k: int) -> set[str]:
             step = self.cost_model.step_time(r.shape for r in order[:k])
-            met = sum(
-                1
+            return {
+                r.request_id
                 for r in order[:k]
                 if not r.late and r.deadline_at is not None and now + self._remaining(r) * step <= r.deadline_at
-            )
-            if met >= best_met:
-                best_k, best_met = k, met
-        return order[:best_k]
+            }
+
+        chosen = min(rows, len(order), 1)
+        met = meeting(chosen) if chosen else set()
+        for k in range(2, min(rows, len(order)) + 1):
+            now_met = meeting(k)
+            if met - now_met:
+                break
+            chosen, met = k, now_met
+        return order[:chosen]
