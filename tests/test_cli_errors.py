@@ -30,6 +30,9 @@ MISTAKES = [
     (["generate", "--executor", "gpu"], EXIT_USAGE, "argument --executor: invalid choice: 'gpu'"),
     (["generate", "--max-num-seqs", "0"], EXIT_USAGE, "EngineConfig.max_num_seqs must be an integer in [1, 4096]"),
     (["generate", "--class-label", "3"], EXIT_USAGE, "class_label is not an input of qwen-image models"),
+    (["generate", "--deadline-s", "0"], EXIT_USAGE, "SamplingParams.deadline_s must be seconds in (0, 604800]"),
+    (["generate", "--scheduling-policy", "edf"], EXIT_USAGE, "argument --scheduling-policy: invalid choice: 'edf'"),
+    (["generate", "--priority-aging-s", "-1"], EXIT_USAGE, "EngineConfig.priority_aging_s must be seconds"),
     (
         ["export-preset", "no-such-preset", "/tmp/x"],
         EXIT_USAGE,

@@ -192,3 +192,11 @@ def test_the_scheduler_refits_the_cost_model_from_measured_batches():
     finished, _, _ = drive(s, [(0.0, make(f"r{i}", 3)) for i in range(4)], step_s=0.25)
     assert len(finished) == 4 and s.cost_model.observed == 3
     assert s.cost_model.step_time([RequestShape()] * 4) == pytest.approx(0.25, rel=0.05)
+
+
+def test_a_bad_cost_profile_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"EngineConfig.cost_profile must be 'measure' or a JSON file"):
+        CostModel.load(tmp_path / "missing.json")
+    (tmp_path / "neg.json").write_text(json.dumps({"coefficients": {"rows": -1}}))
+    with pytest.raises(ValueError, match=r"coefficients must be finite and >= 0"):
+        CostModel.load(tmp_path / "neg.json")

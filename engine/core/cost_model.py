@@ -67,11 +67,21 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         """A profile written by `save` (or by hand: {"coefficients": {feature: seconds}})."""
-        data = json.loads(Path(path).read_text())
-        unknown = set(data.get("coefficients", {})) - set(FEATURES)
+        try:
+            data = json.loads(Path(path).read_text())
+            coefficients = data["coefficients"]
+            values = [float(v) for v in coefficients.values()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"EngineConfig.cost_profile must be 'measure' or a JSON file with {{\"coefficients\": {{feature: "
+                f"seconds}}}}; {path}: {exc}"
+            ) from None
+        if not all(v >= 0 and v < float("inf") for v in values):
+            raise ValueError(f"cost profile {path}: coefficients must be finite and >= 0, got {coefficients}")
+        unknown = set(coefficients) - set(FEATURES)
         if unknown:
             raise ValueError(f"cost profile {path}: unknown feature(s) {sorted(unknown)}; known: {list(FEATURES)}")
-        return cls(data["coefficients"])
+        return cls(coefficients)
 
     def to_json(self, **extra) -> dict:
         return {"coefficients": dict(zip(FEATURES, map(float, self.coef))), **extra}
