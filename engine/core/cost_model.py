@@ -10,7 +10,7 @@ from its composition. Here that time is linear in a few features of the batch:
             + c3 * sum(rows * text_tokens) / 1e3
             + c4 * sum(rows * tokens**2) / 1e6    attention's quadratic part
             + c5 * requests starting              prompt encoding, noise, set_timesteps
-            + c6 * sum(image_tokens finishing) / 1e3  VAE decode
+            + c6 * sum(image_tokens finishing) / 1e3  VAE decode (one per request)
 
 The coefficients come from a JSON profile, a short profile of the loaded model at engine start,
 or both, and are refitted online from every measured batch: a ridge fit over the most recent
@@ -21,7 +21,6 @@ or both, and are refitted online from every measured batch: a ridge fit over the
 from __future__ import annotations
 
 import json
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -49,7 +48,7 @@ def batch_features(running: Iterable[RequestShape], starting: int = 0, finishing
         image += shape.rows * shape.image_tokens / 1e3
         text += shape.rows * shape.text_tokens / 1e3
         attention += shape.rows * tokens * tokens / 1e6
-    decode = sum(shape.image_tokens * shape.rows / 2 for shape in finishing) / 1e3  # one decode per image
+    decode = sum(shape.image_tokens for shape in finishing) / 1e3
     return [1.0, rows, image, text, attention, float(starting), decode]
 
 
@@ -57,10 +56,12 @@ class CostModel:
     def __init__(self, coefficients: dict[str, float] | None = None, window: int = 256, refit_every: int = 8):
         self.prior = np.array([float((coefficients or {}).get(name, 0.0)) for name in FEATURES])
         self.coef = self.prior.copy()
+        self._coef = self.coef.tolist()  # for fast dot products with short feature lists
         self.window = window
         self.refit_every = refit_every
-        self._xs: deque[list] = deque(maxlen=window)
-        self._ys: deque[float] = deque(maxlen=window)
+        # the last `window` batches, as a ring buffer (refits read it without copying lists)
+        self._xs = np.zeros((window, len(FEATURES)))
+        self._ys = np.zeros(window)
         self._since_fit = 0
         self.observed = 0  # batches measured so far
 
@@ -95,7 +96,7 @@ class CostModel:
         return self.observed > 0 or bool(self.prior.any())
 
     def predict(self, features: list) -> float:
-        return max(0.0, float(np.dot(self.coef, features)))
+        return max(0.0, sum(c * f for c, f in zip(self._coef, features)))
 
     def step_time(self, shapes: Iterable[RequestShape]) -> float:
         """Seconds of one denoising step of these requests together (no encode, no decode)."""
@@ -105,17 +106,15 @@ class CostModel:
         """Seconds a request needs when it has the workers to itself: its first step with the
         encode, its middle steps, its last with the decode."""
         step = self.step_time([shape])
-        extra = self.coef[FEATURES.index("starting")] + self.coef[FEATURES.index("decode_ktokens")] * (
-            shape.image_tokens * shape.rows / 2 / 1e3
-        )
-        return steps * step + max(0.0, float(extra))
+        return steps * step + self._coef[5] + self._coef[6] * shape.image_tokens / 1e3
 
     def observe(self, features: list, seconds: float) -> None:
         """One measured batch; refits every `refit_every` batches (and at the first)."""
         if not np.isfinite(seconds) or seconds < 0:
             return
-        self._xs.append(features)
-        self._ys.append(seconds)
+        slot = self.observed % self.window
+        self._xs[slot] = features
+        self._ys[slot] = seconds
         self.observed += 1
         self._since_fit += 1
         if self._since_fit >= self.refit_every or self.observed == 1:
@@ -125,9 +124,9 @@ class CostModel:
         """Ridge least squares towards the prior; negative coefficients are clipped (more work
         never makes a batch faster), then the rest refitted once without them."""
         self._since_fit = 0
-        x = np.asarray(self._xs, dtype=float)
-        y = np.asarray(self._ys, dtype=float)
-        if not len(y):
+        held = min(self.observed, self.window)
+        x, y = self._xs[:held], self._ys[:held]
+        if not held:
             return
         # With no profile, the prior is the mean batch time as pure overhead: a sane start.
         prior = self.prior if self.prior.any() else np.array([float(y.mean())] + [0.0] * (len(FEATURES) - 1))
@@ -145,3 +144,4 @@ class CostModel:
             active &= coef > 0
             active[0] = True
         self.coef = np.maximum(coef, 0.0)
+        self._coef = self.coef.tolist()

@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 from engine.contract.errors import DeadlineUnmeetableError
-from engine.core.cost_model import CostModel
+from engine.core.cost_model import CostModel, batch_features
 from engine.core.keyed_queue import KeyedQueue
 from engine.core.policy import SchedulingPolicy
 from engine.core.request import Request
@@ -93,32 +93,41 @@ class DeadlinePolicy(SchedulingPolicy):
         return bool(running) and self.key(head) < max(self.key(r) for r in running)
 
     def choose(self, eligible, rows, now):
-        for request in eligible:
-            self._check_late(request, now)
+        predict = self.cost_model.predict
+        alone: dict[str, float] = {}
+        for r in eligible:
+            alone[r.request_id] = self._alone(r, self._remaining(r))
+            if not r.late and r.deadline_at is not None and now + alone[r.request_id] > r.deadline_at:
+                r.late = True
 
-        def slack(r: Request) -> float:
-            return self.key(r) - now - self._alone(r, self._remaining(r))
+        def order_key(r: Request):
+            # best effort (and late) requests go behind, until their fallback deadline passes
+            behind = (r.late or r.deadline_at is None) and now < r.fallback_at
+            return behind, self.key(r) - now - alone[r.request_id], r.last_batch
 
-        def behind(r: Request) -> bool:  # best effort, until its fallback deadline passes
-            return (r.late or r.deadline_at is None) and now < r.fallback_at
-
-        order = sorted(eligible, key=lambda r: (behind(r), slack(r), r.last_batch))
-
-        # Grow the batch in urgency order while the extra row makes no more urgent request
-        # that would meet its deadline miss it.
-        def meeting(k: int) -> set[str]:
-            step = self.cost_model.step_time(r.shape for r in order[:k])
-            return {
-                r.request_id
-                for r in order[:k]
-                if not r.late and r.deadline_at is not None and now + self._remaining(r) * step <= r.deadline_at
-            }
-
-        chosen = min(rows, len(order), 1)
-        met = meeting(chosen) if chosen else set()
-        for k in range(2, min(rows, len(order)) + 1):
-            now_met = meeting(k)
+        order = sorted(eligible, key=order_key)
+        limit = min(rows, len(order))
+        if limit <= 1:
+            return order[:limit]
+        # Grow the batch in urgency order while the extra row makes no more urgent request that
+        # would meet its deadline miss it.
+        features = batch_features(r.shape for r in order[:1])
+        met = self._meeting(order[:1], predict(features), now)
+        chosen = 1
+        for k in range(2, limit + 1):
+            extra = batch_features([order[k - 1].shape])
+            features = [a + b for a, b in zip(features, extra)]
+            features[0] = 1.0
+            now_met = self._meeting(order[:k], predict(features), now)
             if met - now_met:
                 break
             chosen, met = k, now_met
         return order[:chosen]
+
+    def _meeting(self, batch: list[Request], step: float, now: float) -> set[str]:
+        """The requests of `batch` that meet their deadlines if every step takes `step`."""
+        return {
+            r.request_id
+            for r in batch
+            if not r.late and r.deadline_at is not None and now + self._remaining(r) * step <= r.deadline_at
+        }

@@ -51,7 +51,6 @@ class StepScheduler:
         self._running_by_client: Counter[str] = Counter()  # admission favours clients running fewer
         self._per_request_limit = 2 if overlap else 1
         self.policy = policy if policy is not None else FcfsPolicy(take_turns=max_paused > 0)
-        self.cost_model = self.policy.cost_model
         self.waiting = self.policy.new_queue()
         self._features: dict[int, list] = {}  # step_id -> the batch's cost features
         self.running: dict[str, Request] = {}  # by request id
@@ -60,6 +59,11 @@ class StepScheduler:
         self._drop: list[str] = []  # wire ids
         self._next_step_id = 0
         self._reuse = itertools.count()
+
+    @property
+    def cost_model(self):
+        """The policy's step-time model, refitted from every measured batch."""
+        return self.policy.cost_model
 
     # -- requests in -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
