@@ -200,3 +200,16 @@ def test_a_bad_cost_profile_is_named(tmp_path):
     (tmp_path / "neg.json").write_text(json.dumps({"coefficients": {"rows": -1}}))
     with pytest.raises(ValueError, match=r"coefficients must be finite and >= 0"):
         CostModel.load(tmp_path / "neg.json")
+
+
+def test_a_profiled_cost_model_is_not_thrown_off_by_one_odd_batch():
+    """A first batch that compiled, or a stall, must not make every deadline look unmeetable."""
+    model = CostModel({"batch": 0.01, "rows": 0.002})
+    normal = batch_features([RequestShape(rows=2)] * 4)
+    model.observe(normal, 5.0)  # a 5 s stall on a batch the profile says takes 26 ms
+    assert model.step_time([RequestShape(rows=2)] * 4) < 0.1
+    for _ in range(40):
+        model.observe(normal, 0.026)
+    model.observe(normal, 5.0)
+    model.refit()
+    assert model.step_time([RequestShape(rows=2)] * 4) == pytest.approx(0.026, rel=0.05)

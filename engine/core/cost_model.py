@@ -27,6 +27,9 @@ from typing import Iterable
 
 import numpy as np
 
+PRIOR_WEIGHT = 8.0  # a profile counts as this many measured batches in the online fit
+OUTLIER_MADS = 6.0  # batches further off the fit than this many median deviations are left out
+
 FEATURES = ("batch", "rows", "image_ktokens", "text_ktokens", "attention_mtokens2", "starting", "decode_ktokens")
 
 
@@ -109,7 +112,7 @@ class CostModel:
         return steps * step + self._coef[5] + self._coef[6] * shape.image_tokens / 1e3
 
     def observe(self, features: list, seconds: float) -> None:
-        """One measured batch; refits every `refit_every` batches (and at the first)."""
+        """One measured batch; refits every `refit_every` batches."""
         if not np.isfinite(seconds) or seconds < 0:
             return
         slot = self.observed % self.window
@@ -117,24 +120,42 @@ class CostModel:
         self._ys[slot] = seconds
         self.observed += 1
         self._since_fit += 1
-        if self._since_fit >= self.refit_every or self.observed == 1:
+        # Without a profile the first batch is all there is to go by; with one, wait for a few
+        # (one odd batch alone would pull the profile off).
+        if self._since_fit >= self.refit_every or (self.observed == 1 and not self.prior.any()):
             self.refit()
 
-    def refit(self, strength: float = 1e-6) -> None:
-        """Ridge least squares towards the prior; negative coefficients are clipped (more work
-        never makes a batch faster), then the rest refitted once without them."""
+    def refit(self) -> None:
+        """Ridge least squares towards the prior (a profile weighs as much as `PRIOR_WEIGHT`
+        batches, so a few odd batches cannot throw it off; without one, the fit is plain least
+        squares), then once more without the batches it fits worst (outliers beyond
+        OUTLIER_MADS median absolute deviations: a first batch that compiled, a stall). Negative
+        coefficients are clipped: more work never makes a batch faster."""
         self._since_fit = 0
         held = min(self.observed, self.window)
         x, y = self._xs[:held], self._ys[:held]
         if not held:
             return
+        coef = self._solve(x, y)
+        residual = np.abs(x @ coef - y)
+        mad = float(np.median(residual))
+        keep = residual <= OUTLIER_MADS * mad + 1e-6 * float(np.median(y))
+        if 0 < keep.sum() < held:
+            coef = self._solve(x[keep], y[keep])
+        self.coef = coef
+        self._coef = self.coef.tolist()
+
+    def _solve(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        has_prior = bool(self.prior.any())
         # With no profile, the prior is the mean batch time as pure overhead: a sane start.
-        prior = self.prior if self.prior.any() else np.array([float(y.mean())] + [0.0] * (len(FEATURES) - 1))
+        prior = self.prior if has_prior else np.array([float(y.mean())] + [0.0] * (len(FEATURES) - 1))
+        weight = PRIOR_WEIGHT if has_prior else 1e-6 * len(y)
         scale = np.maximum(np.abs(x).max(axis=0), 1e-9)
         active = np.ones(len(FEATURES), dtype=bool)
+        coef = prior.copy()
         for _ in range(2):
             xs = x[:, active] / scale[active]
-            lam = strength * len(y) * np.eye(int(active.sum()))
+            lam = weight * np.eye(int(active.sum()))
             target = prior[active] * scale[active]
             solution = np.linalg.solve(xs.T @ xs + lam, xs.T @ y + lam @ target)
             coef = np.zeros(len(FEATURES))
@@ -143,5 +164,4 @@ class CostModel:
                 break
             active &= coef > 0
             active[0] = True
-        self.coef = np.maximum(coef, 0.0)
-        self._coef = self.coef.tolist()
+        return np.maximum(coef, 0.0)

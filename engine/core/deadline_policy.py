@@ -54,7 +54,8 @@ class DeadlinePolicy(SchedulingPolicy):
         return max(0, request.num_steps - request.steps_scheduled)
 
     def _check_late(self, request: Request, now: float) -> bool:
-        """Mark the request late once even running alone it would miss its deadline."""
+        """Mark a waiting request late once even running alone it would miss its deadline (a
+        running one is judged afresh every step, in choose)."""
         if not request.late and request.deadline_at is not None:
             if now + self._alone(request, self._remaining(request)) > request.deadline_at:
                 request.late = True
@@ -78,7 +79,7 @@ class DeadlinePolicy(SchedulingPolicy):
                     f"with the workers to itself ({request.num_steps} steps); ask for deadline_s >= {need:.2f}, "
                     "fewer steps or a smaller image"
                 )
-            request.late = True  # best effort from the start
+            return  # best effort from the start: no deadline of its own
         request.deadline_at = request.arrival_time + deadline
 
     def prepare(self, queue: KeyedQueue, now: float) -> None:
@@ -96,9 +97,9 @@ class DeadlinePolicy(SchedulingPolicy):
         predict = self.cost_model.predict
         alone: dict[str, float] = {}
         for r in eligible:
+            # judged afresh every step: the cost model may have moved since
             alone[r.request_id] = self._alone(r, self._remaining(r))
-            if not r.late and r.deadline_at is not None and now + alone[r.request_id] > r.deadline_at:
-                r.late = True
+            r.late = r.deadline_at is not None and now + alone[r.request_id] > r.deadline_at
 
         def order_key(r: Request):
             # best effort (and late) requests go behind, until their fallback deadline passes
@@ -125,9 +126,17 @@ class DeadlinePolicy(SchedulingPolicy):
         return order[:chosen]
 
     def _meeting(self, batch: list[Request], step: float, now: float) -> set[str]:
-        """The requests of `batch` that meet their deadlines if every step takes `step`."""
-        return {
-            r.request_id
-            for r in batch
-            if not r.late and r.deadline_at is not None and now + self._remaining(r) * step <= r.deadline_at
-        }
+        """The requests of `batch` that meet their deadlines if every step takes `step`, plus the
+        encodes of the ones starting and the decodes of those finishing no later than each."""
+        coef = self.cost_model.coef
+        start, decode = float(coef[5]), float(coef[6]) / 1e3
+        starting = start * sum(not r.sent_to_workers for r in batch)
+        remaining = [(self._remaining(r), r) for r in batch]
+        met = set()
+        for left, r in remaining:
+            if r.late or r.deadline_at is None:
+                continue
+            decodes = decode * sum(o.shape.image_tokens for n, o in remaining if n <= left)
+            if now + left * step + starting + decodes <= r.deadline_at:
+                met.add(r.request_id)
+        return met
