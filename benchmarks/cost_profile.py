@@ -1,11 +1,11 @@
 """Measure a step-time cost profile of a model on this machine (benchmarks/profiles/NAME.json).
 
-Runs bursts of requests through the real engine (worker processes, async scheduling, as it
-serves) at several batch sizes and image sizes, fits the cost model (engine/core/cost_model.py)
-on every batch's measured worker time, and adds the engine's own time per batch (the worker's
-measured idle wait between batches) to the per-batch overhead, so that the simulator's clock
-runs at the engine's pace. The engine's startup profile (EngineConfig.cost_profile="measure")
-does the same with fewer batches; this one is for the simulator and for loading at start.
+Runs bursts of requests through the AsyncEngine as it serves (worker processes, async
+scheduling, every request streamed to a caller) at several batch sizes and image sizes, and
+fits the cost model (engine/core/cost_model.py) on every batch's wall time as the engine
+measures it (engine-side work included), so that the simulator's clock runs at the engine's
+pace. The engine's startup profile (EngineConfig.cost_profile="measure") does the same with
+fewer batches; this one is for the simulator and for loading at start.
 
 Usage: python benchmarks/cost_profile.py --model small-qwen-image --out benchmarks/profiles/small-qwen-image-cpu.json
 """
@@ -13,6 +13,7 @@ Usage: python benchmarks/cost_profile.py --model small-qwen-image --out benchmar
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import platform
 import sys
@@ -35,18 +36,25 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from engine import Omni, SamplingParams
+    from engine import AsyncEngine, SamplingParams
     from engine.core.cost_model import CostModel
     from pipelines.memory_estimate import read_vae_config, vae_stages
 
+    prompt = {"prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "blurry"}
+
+    async def burst(engine, params: list) -> None:
+        async def one(p):
+            async for _ in engine.generate(prompt, p):
+                pass
+
+        await asyncio.gather(*(one(p) for p in params))
+
     model = CostModel(window=100_000, refit_every=1 << 30)
-    with Omni(args.model, max_num_seqs=max(args.batch_sizes)) as omni:
-        core = omni.core
-        prompt = {"prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "blurry"}
-        warm = SamplingParams(num_inference_steps=2, seed=0, output_type="np")
-        omni.generate([prompt], warm, use_tqdm=False)
-        core.scheduler.policy.cost_model = model
-        idle0, gaps0 = core.stats.worker_idle_s, core.stats.worker_idle_gaps
+    engine = AsyncEngine(model=args.model, max_num_seqs=max(args.batch_sizes))
+    try:
+        asyncio.run(burst(engine, [SamplingParams(num_inference_steps=2, seed=0, output_type="np")]))  # warm-up
+        core = engine.core
+        core.scheduler.policy.cost_model = model  # from here on, every batch's wall time lands in `model`
         for _ in range(args.repeats):
             for side in args.sides:
                 for n in args.batch_sizes:
@@ -56,20 +64,20 @@ def main(argv=None) -> dict:
                         )
                         for i in range(n)
                     ]
-                    omni.generate([prompt] * n, params, use_tqdm=False)
-        idle = (core.stats.worker_idle_s - idle0) / max(1, core.stats.worker_idle_gaps - gaps0)
+                    asyncio.run(burst(engine, params))
         info = core.model_info
         vae_scale = 2 ** (len(vae_stages(read_vae_config(info.path))) - 1)
         patch = int(info.transformer_config.get("patch_size", 2))
         text_tokens = len(prompt["prompt"]) // 4 + 1
+    finally:
+        engine.shutdown()
     model.refit()
-    model.coef[0] += idle
     report = model.to_json(
         name=args.model,
         source=(
             f"measured on this machine ({platform.processor() or platform.machine()}, {args.threads} torch thread(s), "
-            f"CPU, float32) by benchmarks/cost_profile.py on {datetime.date.today()}: "
-            f"{model.observed} batches; engine time per batch (worker idle) {idle * 1e3:.2f} ms added to 'batch'"
+            f"CPU, float32) by benchmarks/cost_profile.py on {datetime.date.today()}: wall time of {model.observed} "
+            "step batches served by AsyncEngine (worker processes, async scheduling, every request streamed)"
         ),
         command="python benchmarks/cost_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         geometry={"vae_scale": vae_scale, "patch": patch, "rows": 2, "text_tokens": text_tokens},

@@ -120,6 +120,8 @@ class EngineCore:
         self._restarts.started(time.monotonic())
         self._ids = itertools.count()
         self._pending = 0  # batches submitted and not yet collected
+        self._submitted: dict[int, float] = {}  # step_id -> when it went to the workers
+        self._last_collect: float | None = None
         if profile == "measure" or (profile is None and config.scheduling_policy == "deadline"):
             self.measure_cost()
 
@@ -188,9 +190,11 @@ class EngineCore:
                     scheduler.add_request(self.make_request(prompt, params, f"cost-profile-{k}-{i}"))
             except ValueError:
                 continue  # a size this model does not take: profile with the others
-            while (batch := scheduler.schedule(time.monotonic())) is not None:
+            while (batch := scheduler.schedule(started := time.monotonic())) is not None:
                 self.executor.submit(batch)
-                scheduler.update(self.executor.collect(), time.monotonic())
+                results = self.executor.collect()
+                now = time.monotonic()
+                scheduler.update(results, now, seconds=now - started)
 
     def _request_memory(self, params: SamplingParams) -> int:
         """The request's estimated activation memory; ValueError if it could never fit."""
@@ -261,18 +265,32 @@ class EngineCore:
     def _step(self, schedule: bool) -> list[RequestOutput]:
         while schedule and (batch := self.schedule()) is not None:
             self.executor.submit(batch)
+            self._submitted[batch.step_id] = time.monotonic()
             self._pending += 1
         if self._pending == 0:
             return []
         results = self.executor.collect()
         self._pending -= 1
         self.stats.record(results)
-        return self.scheduler.update(results, time.monotonic())
+        now = time.monotonic()
+        return self.scheduler.update(results, now, seconds=self._batch_wall_time(results.step_id, now))
+
+    def _batch_wall_time(self, step_id: int, now: float) -> float | None:
+        """What the batch cost the engine in wall time, for the cost model: since the previous
+        batch's results if this one was already submitted then (the workers went straight on
+        to it), else since its submission. Engine-side work (scheduling, outputs to callers)
+        is included, as deadlines are kept in wall time."""
+        submitted = self._submitted.pop(step_id, None)
+        previous, self._last_collect = self._last_collect, now
+        if submitted is None:
+            return None
+        return now - (max(submitted, previous) if previous is not None else submitted)
 
     def _recover(self, crash: EngineDeadError) -> list[RequestOutput]:
         """Replace the crashed worker grid, or re-raise once restarts are off or used up."""
         noticed = time.monotonic()
         self._pending = 0
+        self._submitted.clear()
         error = crash.reason
         delay = self._restarts.next_delay(noticed)
         if delay is None:
@@ -311,6 +329,7 @@ class EngineCore:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         self._pending = 0
+        self._submitted.clear()
         return self.scheduler.fail_all(error, time.monotonic())
 
     def shutdown(self) -> None:

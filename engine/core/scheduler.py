@@ -207,13 +207,18 @@ class StepScheduler:
             return True
         return self.running_memory + request.memory_bytes <= self.memory_budget
 
-    def update(self, results: StepResults, now: float | None = None) -> list[RequestOutput]:
-        """Apply one batch's results; returns an output per request that is still ours."""
+    def update(
+        self, results: StepResults, now: float | None = None, seconds: float | None = None
+    ) -> list[RequestOutput]:
+        """Apply one batch's results; returns an output per request that is still ours.
+        `seconds`: what the batch took in wall time, for the cost model (default: the workers'
+        own time for it)."""
         now = time.monotonic() if now is None else now
         ids = self.in_flight.pop(results.step_id, [])
         features = self._features.pop(results.step_id, None)
-        if features is not None and results.execute_s > 0:
-            self.cost_model.observe(features, results.execute_s)
+        seconds = results.execute_s if seconds is None else seconds
+        if features is not None and seconds > 0:
+            self.cost_model.observe(features, seconds)
         outputs = []
         seen = set()
         for out in results.outputs:
