@@ -24,6 +24,7 @@ import asyncio
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +37,7 @@ WORKLOADS = {
     "small-qwen-image": {
         "short": {"steps": 6, "height": 64, "width": 64, "share": 0.7, "slo": 3.0, "priority": 1},
         "long": {"steps": 30, "height": 128, "width": 128, "share": 0.3, "slo": 6.0, "priority": 0},
-        # batching is nearly free on this tiny model (per-batch overhead dominates): loads go far past 1
-        "loads": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+        "loads": [0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
     },
     "flux-dev-h100": {
         "short": {"steps": 8, "height": 512, "width": 512, "share": 0.7, "slo": 3.0, "priority": 1},
@@ -378,7 +378,7 @@ def main(argv=None) -> dict:
         report["sim"][Profile(path).data["name"]] = run
         print_run(Profile(path).data["name"] + " (simulated)", run)
     if args.real:
-        partial = str(Path(args.json).with_suffix(".partial.json"))
+        partial = str(Path(tempfile.gettempdir()) / "slo_real.partial.json")
         report["real"] = run_real(args.real_profile, args.real_loads, args.real_requests, args.seed, partial)
         print_run("small-qwen-image (real)", report["real"])
         print_run(
