@@ -9,7 +9,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 R=docs/results
 mkdir -p "$R"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(overhead cfg pp throughput adapter flux-sd3 client video http)
+[ ${#steps[@]} -eq 0 ] && steps=(overhead cfg pp throughput adapter flux-sd3 client video http slo)
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S))"
     case "$step" in
@@ -33,6 +33,12 @@ for step in "${steps[@]}"; do
         client) python benchmarks/client_overhead.py --json "$R/client_overhead.json" --plot docs/client_overhead.png ;;
         video) python benchmarks/video_throughput.py --json "$R/video_throughput.json" --plot docs/video_throughput.png ;;
         http) python benchmarks/http_overhead.py --json "$R/http_overhead.json" --plot docs/http_overhead.png ;;
+        slo)  # the simulator at scale (deterministic), then the real engine against the simulator
+            python benchmarks/slo.py --sim benchmarks/profiles/flux-dev-h100.json --json "$R/slo_flux-dev-h100.json" \
+                --plot docs/slo_flux-dev-h100.png
+            python benchmarks/slo.py --sim benchmarks/profiles/small-qwen-image-cpu.json \
+                --json "$R/slo_small-qwen-image.json" --plot docs/slo_small-qwen-image.png
+            python benchmarks/slo.py --real --real-loads 1.0 1.5 --json "$R/slo_real.json" --plot docs/slo_real.png ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

@@ -15,6 +15,7 @@ _EXPORTS = {
     "EngineClient": "engine.service.client",
     "EngineConfig": "engine.contract.config",
     "EngineDeadError": "engine.contract.errors",
+    "DeadlineUnmeetableError": "engine.contract.errors",
     "Omni": "engine.omni",
     "OverloadedError": "engine.contract.errors",
     "ParallelConfig": "engine.contract.config",
@@ -27,6 +28,7 @@ _EXPORTS = {
 __all__ = [
     "AsyncEngine",
     "AsyncEngineClient",
+    "DeadlineUnmeetableError",
     "EngineClient",
     "EngineConfig",
     "EngineDeadError",
@@ -42,7 +44,7 @@ __all__ = [
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine
     from engine.contract.config import EngineConfig, ParallelConfig
-    from engine.contract.errors import EngineDeadError, OverloadedError, ServerUnavailableError
+    from engine.contract.errors import DeadlineUnmeetableError, EngineDeadError, OverloadedError, ServerUnavailableError
     from engine.contract.outputs import RequestMetrics, RequestOutput
     from engine.contract.sampling_params import SamplingParams
     from engine.omni import Omni

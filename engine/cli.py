@@ -80,6 +80,27 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str = "tiny-
         default=EngineConfig().max_input_pixels,
         help="pixels (height x width) one input image may have; larger ones are refused",
     )
+    engine.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority", "deadline"],
+        default="fcfs",
+        help="which requests step next: fcfs; priority (SamplingParams.priority, aged); deadline "
+        "(SamplingParams.deadline_s, least slack first, preempting within --max-paused)",
+    )
+    engine.add_argument(
+        "--priority-aging-s", type=float, default=10.0, help="priority: seconds of waiting that add one level"
+    )
+    engine.add_argument(
+        "--deadline-admission",
+        choices=["reject", "best_effort"],
+        default="reject",
+        help="deadline: refuse a request that cannot meet its deadline even alone, or run it best effort",
+    )
+    engine.add_argument(
+        "--cost-profile",
+        default=None,
+        help="step-time cost profile: a JSON file or 'measure' (default: measure at start under deadline)",
+    )
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -93,6 +114,10 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
         dtype=args.dtype,
         compile=args.compile,
         max_input_pixels=args.max_input_pixels,
+        scheduling_policy=args.scheduling_policy,
+        priority_aging_s=args.priority_aging_s,
+        deadline_admission=args.deadline_admission,
+        cost_profile=args.cost_profile,
         **extra,
     )
 
@@ -146,6 +171,7 @@ def _request(args: argparse.Namespace) -> tuple[Any, dict]:
         num_images_per_prompt=args.num_images,
         strength=args.strength,
         pipeline_args=parse_pipeline_args(args.pipeline_arg),
+        deadline_s=args.deadline_s,
     )
     prompt: dict = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.class_label is not None:
@@ -206,6 +232,13 @@ def _add_generate_parser(commands) -> None:
         help="frames of a video (video models; Wan: 4k + 1) (default: the model's)",
     )
     gen.add_argument("--fps", type=int, default=16, help="frames per second of a written video")
+    gen.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="seconds by which the image should be done; with --scheduling-policy deadline, a deadline it "
+        "cannot meet is refused before it runs (SamplingParams.deadline_s)",
+    )
     gen.add_argument(
         "--output",
         default="out.png",

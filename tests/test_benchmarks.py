@@ -242,3 +242,33 @@ def test_video_throughput_benchmark(tmp_path, _preset_cache):
     batch = report["batch_s_by_rows"]
     assert report["limit"] == pytest.approx(3 * batch["1"] / batch["3"], rel=1e-9)
     assert png.stat().st_size > 0
+
+
+def test_slo_simulation_smoke(tmp_path):
+    """The simulator drives the real scheduler: every request is accounted for, a lone request
+    takes exactly its profiled service time, and the goal figures come out of the sweep."""
+    from benchmarks import slo
+    from benchmarks.simulator import Profile, Spec, simulate_diffusers, simulate_stepweave
+
+    profile = Profile("benchmarks/profiles/flux-dev-h100.json")
+    alone = profile.alone_s(28, 1024, 1024)
+    assert 6.5 < alone < 7.5  # the published anchor: ~7.1 s for 28 steps at 1024x1024 on one H100
+    lone = [Spec(0, 1.0, "long", 28, 1024, 1024, None)]
+    for outcomes in (simulate_diffusers(lone, profile), simulate_stepweave(lone, profile, "deadline")):
+        assert outcomes[0].finish - outcomes[0].arrival == pytest.approx(alone, rel=1e-6)
+    report = slo.main(
+        ["--sim", "benchmarks/profiles/flux-dev-h100.json", "--sim-requests", "300", "--sim-loads", "0.2", "0.6", "1.0"]
+        + ["--json", str(tmp_path / "slo.json"), "--plot", ""]
+    )
+    run = report["sim"]["flux-dev-h100"]
+    assert set(run["systems"]) == {f"diffusers-{k}" for k in ("sequential", "static")} | {
+        f"stepweave-{p}" for p in ("fcfs", "priority", "deadline")
+    }
+    for rows in run["systems"].values():
+        assert [r["short"]["count"] + r["long"]["count"] for r in rows] == [300] * 3
+        assert all(0 <= r["attainment"] <= 1 for r in rows)
+    assert (
+        run["goals"]["deadline_long_finished"] + sum(r["refused"] for r in run["systems"]["stepweave-deadline"])
+        >= run["goals"]["deadline_long_count"]
+    )
+    assert json.loads((tmp_path / "slo.json").read_text())["sim"]["flux-dev-h100"]["loads"] == [0.2, 0.6, 1.0]

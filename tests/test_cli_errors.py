@@ -34,6 +34,9 @@ MISTAKES = [
     (["generate", "--image", __file__], EXIT_USAGE, "not an image file PIL can read"),
     (["generate", "--strength", "1.5"], EXIT_USAGE, "SamplingParams.strength must be a number in (0, 1]"),
     (["generate", "--pipeline-arg", "oops"], EXIT_USAGE, "--pipeline-arg 'oops': expected NAME=VALUE"),
+    (["generate", "--deadline-s", "0"], EXIT_USAGE, "SamplingParams.deadline_s must be seconds in (0, 604800]"),
+    (["generate", "--scheduling-policy", "edf"], EXIT_USAGE, "argument --scheduling-policy: invalid choice: 'edf'"),
+    (["generate", "--priority-aging-s", "-1"], EXIT_USAGE, "EngineConfig.priority_aging_s must be seconds"),
     (
         ["export-preset", "no-such-preset", "/tmp/x"],
         EXIT_USAGE,

@@ -268,6 +268,47 @@ def _video(reports) -> dict[str, list[str]]:
     return rows
 
 
+def _slo(reports) -> dict[str, list[str]]:
+    """benchmarks/slo.py: SLO attainment by offered load (simulated: one profile per file), and
+    for the real run the simulator's prediction beside each measured figure."""
+    (report,) = reports
+    if report["real"] is None:
+        (run,) = report["sim"].values()
+        rows = {name: [f"{r['attainment']:.2f}" for r in results] for name, results in run["systems"].items()}
+        goals = run["goals"]
+        if goals["load_fcfs_80"] is not None:
+            rows["deadline where fcfs attains 0.80"] = [
+                f"{goals['deadline_attainment_at_fcfs_80']:.2f} (load {goals['load_fcfs_80']:.2f})"
+            ]
+        if goals["load_fcfs_under_50"] is not None:
+            i = run["loads"].index(goals["load_fcfs_under_50"])
+            ratio = (
+                run["systems"]["stepweave-deadline"][i]["goodput_rps"]
+                / run["systems"]["stepweave-fcfs"][i]["goodput_rps"]
+            )
+            rows["goodput, deadline over fcfs where fcfs < 0.50"] = [f"{_x(ratio)} (load {run['loads'][i]:g})"]
+        return rows
+    run = report["real"]
+    rows = {}
+    for name, results in run["systems"].items():
+        cells = []
+        for real, sim in zip(results, run["simulated"][name]):
+            cells.append(f"{real['attainment']:.2f} ({sim['attainment']:.2f})")
+            cells.append(
+                f"{real['latency_p50_s']:.2f} / {real['latency_p99_s']:.2f} s "
+                f"({sim['latency_p50_s']:.2f} / {sim['latency_p99_s']:.2f})"
+            )
+        rows[name] = cells
+    worst = max(
+        abs(sim[key] - real[key]) / max(real[key], 1e-9)
+        for name, results in run["systems"].items()
+        for real, sim in zip(results, run["simulated"][name])
+        for key in ("attainment", "latency_p50_s", "latency_p99_s")
+    )
+    rows["simulator, worst relative error"] = [f"{worst:.0%}"]
+    return rows
+
+
 def _expected(paths: list[str]) -> dict[str, list[str]]:
     reports = [_load(p) for p in paths]
     name = Path(paths[0]).stem
@@ -295,6 +336,8 @@ def _expected(paths: list[str]) -> dict[str, list[str]]:
         return _chaos(reports)
     if name == "video_throughput":
         return _video(reports)
+    if name.startswith("slo_"):
+        return _slo(reports)
     raise AssertionError(f"README marks a table with {paths}, which this test does not know how to check")
 
 

@@ -81,6 +81,13 @@ def test_family_declares_its_inputs_and_layouts(registered, negative_dir, dit_di
             "executor='inproc' runs a single rank",
         ),
         ({"parallel_config": ParallelConfig(cfg_parallel_size=0)}, r"ParallelConfig.cfg_parallel_size must be"),
+        (
+            {"scheduling_policy": "edf"},
+            r"EngineConfig.scheduling_policy must be one of \('fcfs', 'priority', 'deadline'\)",
+        ),
+        ({"priority_aging_s": 0}, r"EngineConfig.priority_aging_s must be seconds in \(0, 86400\], got 0"),
+        ({"deadline_admission": "drop"}, r"EngineConfig.deadline_admission must be one of \('reject', 'best_effort'\)"),
+        ({"cost_profile": ""}, r"EngineConfig.cost_profile must be null, 'measure' or a JSON profile path"),
     ],
 )
 def test_engine_config_names_the_bad_field(options, message):

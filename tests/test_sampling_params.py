@@ -20,6 +20,11 @@ from engine.contract.sampling_params import SamplingParams
         ({"scheduler": "not a class"}, r"scheduler must be a diffusers scheduler class name"),
         ({"scheduler_config": [1]}, r"scheduler_config must be a mapping"),
         ({"cfg_normalize": "yes"}, r"cfg_normalize must be"),
+        ({"priority": 1.5}, r"priority must be an integer in \[-1000000, 1000000\]"),
+        ({"priority": True}, r"priority must be an integer"),
+        ({"deadline_s": 0}, r"deadline_s must be seconds in \(0, 604800\] or null"),
+        ({"deadline_s": -2.0}, r"deadline_s must be seconds in \(0, "),
+        ({"deadline_s": float("inf")}, r"deadline_s must be seconds"),
     ],
 )
 def test_bad_fields_are_named(kwargs, message):
@@ -29,7 +34,12 @@ def test_bad_fields_are_named(kwargs, message):
 
 def test_defaults_are_valid_and_roundtrip_msgpack():
     params = SamplingParams(
-        num_inference_steps=7, seed=3, scheduler="UniPCMultistepScheduler", scheduler_config={"solver_order": 1}
+        num_inference_steps=7,
+        seed=3,
+        scheduler="UniPCMultistepScheduler",
+        scheduler_config={"solver_order": 1},
+        priority=-2,
+        deadline_s=1.5,
     )
     params.validate()
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)

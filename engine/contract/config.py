@@ -17,6 +17,9 @@ DTYPES = ("bfloat16", "float16", "float32")
 MAX_RANKS_PER_AXIS = 16
 MAX_NUM_SEQS = 4096
 MAX_WORKER_RESTARTS = 100
+SCHEDULING_POLICIES = ("fcfs", "priority", "deadline")
+DEADLINE_ADMISSIONS = ("reject", "best_effort")
+MAX_AGING_S = 86400.0
 
 
 class ParallelConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -107,6 +110,20 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Pixels (height x width) one input image of a request may have (image-to-image, editing);
     # larger ones are refused at submission.
     max_input_pixels: int = 2048 * 2048
+    # Which requests step next (engine/core/policy.py): "fcfs" (first come, first served, fair
+    # between clients); "priority" (SamplingParams.priority, higher first, aged by one level per
+    # priority_aging_s seconds of waiting so nothing starves); "deadline" (SamplingParams.deadline_s:
+    # least slack first from the cost model; running requests sit out steps for more urgent ones
+    # within the max_paused budget, so give it max_paused > 0 to preempt).
+    scheduling_policy: str = "fcfs"
+    priority_aging_s: float = 10.0
+    # "deadline" only: a request that needs longer than its deadline_s even alone is refused at
+    # submission ("reject") or runs best effort ("best_effort").
+    deadline_admission: str = "reject"
+    # The step-time cost model's starting point: a JSON profile (benchmarks/profiles/*.json),
+    # "measure" (a few short batches on the workers at start), or None: "measure" under the
+    # deadline policy, otherwise nothing (it learns from the batches it runs).
+    cost_profile: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -146,6 +163,21 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         _int_at_least("max_input_pixels", self.max_input_pixels, 1, MAX_INPUT_PIXELS)
         if self.memory_budget_mb is not None:
             _int_at_least("memory_budget_mb", self.memory_budget_mb, 1, 1 << 40)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"EngineConfig.scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
+            )
+        aging = self.priority_aging_s
+        if isinstance(aging, bool) or not isinstance(aging, (int, float)) or not 0 < aging <= MAX_AGING_S:
+            raise ValueError(f"EngineConfig.priority_aging_s must be seconds in (0, {MAX_AGING_S:g}], got {aging!r}")
+        if self.deadline_admission not in DEADLINE_ADMISSIONS:
+            raise ValueError(
+                f"EngineConfig.deadline_admission must be one of {DEADLINE_ADMISSIONS}, got {self.deadline_admission!r}"
+            )
+        if self.cost_profile is not None and (not isinstance(self.cost_profile, str) or not self.cost_profile):
+            raise ValueError(
+                f"EngineConfig.cost_profile must be null, 'measure' or a JSON profile path, got {self.cost_profile!r}"
+            )
 
     @classmethod
     def of(cls, model: str | EngineConfig | None = None, **options: Any) -> EngineConfig:

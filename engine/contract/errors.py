@@ -18,3 +18,8 @@ class ServerUnavailableError(EngineDeadError):
 
 class OverloadedError(RuntimeError):
     """The waiting queue is full; the request was not accepted."""
+
+
+class DeadlineUnmeetableError(ValueError):
+    """The request's deadline_s is shorter than it needs even with the workers to itself
+    (EngineConfig.deadline_admission="reject"); it was not accepted."""

@@ -23,6 +23,8 @@ OUTPUT_TYPES = ("pil", "np")
 MAX_PIPELINE_ARGS = 32
 MAX_ARG_CHARS = 20_000
 MAX_ARG_ITEMS = 64
+MAX_PRIORITY = 1_000_000
+MAX_DEADLINE_S = 7 * 24 * 3600.0
 
 # A value a pipeline argument may take on the wire: plain data, never objects or tensors.
 Scalar = str | int | float | bool | None
@@ -65,6 +67,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     # Further __call__ arguments of a pipeline served through the diffusers adapter, by their
     # diffusers names (e.g. {"max_sequence_length": 256}); checked against the pipeline class.
     pipeline_args: dict[str, PipelineArg] | None = None
+    # Service level, read by the engine's scheduling policy (EngineConfig.scheduling_policy):
+    # higher priority runs first under "priority"; deadline_s is the time from arrival by which the
+    # request should finish, which "deadline" schedules against (None: best effort). "fcfs"
+    # ignores both. Neither changes the image.
+    priority: int = 0
+    deadline_s: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -108,6 +116,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             _check_pipeline_args(self.pipeline_args)
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"SamplingParams.output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
+        _int_in("priority", self.priority, -MAX_PRIORITY, MAX_PRIORITY)
+        if self.deadline_s is not None:
+            value = self.deadline_s
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not 0 < value <= MAX_DEADLINE_S:
+                raise ValueError(
+                    f"SamplingParams.deadline_s must be seconds in (0, {MAX_DEADLINE_S:g}] or null, got {value!r}"
+                )
 
 
 def _int_in(name: str, value: Any, low: int, high: int) -> None:

@@ -28,10 +28,12 @@ from engine.contract.outputs import RequestOutput
 from engine.contract.request_fields import request_fields
 from engine.contract.sampling_params import MAX_SEED, SamplingParams
 from engine.contract.wire import Decoder, Encoder
+from engine.core.cost_model import CostModel, RequestShape
+from engine.core.policy import FcfsPolicy, make_policy
 from engine.core.request import Request
 from engine.core.restart_policy import RestartPolicy
 from engine.core.scheduler import StepScheduler
-from pipelines.memory_estimate import read_vae_config, request_bytes
+from pipelines.memory_estimate import latent_frames, read_vae_config, request_bytes, vae_stages
 from pipelines.model_info import ModelInfo
 from pipelines.registry import family_path, served_families
 from runner.devices import check_devices
@@ -95,12 +97,23 @@ class EngineCore:
         if async_scheduling is None:  # only a separate worker process can run ahead of the engine
             async_scheduling = config.executor == "mp" and pp_size == 1
         self.async_scheduling = async_scheduling
+        max_paused = config.max_paused if pp_size == 1 else 0
+        profile = config.cost_profile
+        self.cost_model = CostModel.load(profile) if profile not in (None, "measure") else CostModel()
+        policy = make_policy(
+            config.scheduling_policy,
+            self.cost_model,
+            take_turns=max_paused > 0,
+            priority_aging_s=config.priority_aging_s,
+            deadline_admission=config.deadline_admission,
+        )
         self.scheduler = StepScheduler(
             config.max_num_seqs,
             max_batches_in_flight=pp_size if pp_size > 1 else (2 if async_scheduling else 1),
             max_waiting=config.max_waiting,
             overlap=async_scheduling and pp_size == 1,
-            max_paused=config.max_paused if pp_size == 1 else 0,
+            max_paused=max_paused,
+            policy=policy,
         )
         check_devices(self.config)
         self._family_path = family_path(family)
@@ -114,6 +127,10 @@ class EngineCore:
         self._restarts.started(time.monotonic())
         self._ids = itertools.count()
         self._pending = 0  # batches submitted and not yet collected
+        self._submitted: dict[int, float] = {}  # step_id -> when it went to the workers
+        self._last_collect: float | None = None
+        if profile == "measure" or (profile is None and config.scheduling_policy == "deadline"):
+            self.measure_cost()
 
     # -- requests ----------------------------------------------------------------------------
     def make_request(
@@ -134,7 +151,63 @@ class EngineCore:
         request.num_steps = self.model_info.num_steps(params)
         _check_sendable(request)
         request.memory_bytes = self._request_memory(params, fields)
+        request.shape = self._request_shape(params, fields)
+        self.scheduler.policy.admit(request)  # a deadline it cannot meet is refused here, at submission
         return request
+
+    def _request_shape(self, params: SamplingParams, fields: dict) -> RequestShape:
+        """What the request puts into a step batch, from the model's configs: rows (CFG
+        branches x images), latent patches per row, and prompt tokens (estimated at four
+        characters a token; the cost model's online fit absorbs the error)."""
+        info = self.model_info
+        height, width, _ = info.family.working_size(info, params, fields)
+        frames = info.frames_for(params)
+        depth = 1 if frames is None else latent_frames(frames, self._vae_config)  # a video's latent frames
+        scale = 2 ** (len(vae_stages(self._vae_config)) - 1)
+        patch = info.transformer_config.get("patch_size", 2) or 1
+        patch = int(patch[-1]) if isinstance(patch, list) else int(patch)  # Wan patches (time, h, w)
+        image_tokens = max(1, depth * (height // scale) * (width // scale) // (patch * patch))
+        prompt = fields.get("prompt") or ""
+        if fields.get("class_label") is not None:
+            cfg = (4.0 if params.guidance_scale is None else params.guidance_scale) > 1
+        else:
+            cfg = fields.get("negative_prompt") is not None and (params.true_cfg_scale or 4.0) > 1
+        rows = (2 if cfg else 1) * params.num_images_per_prompt
+        return RequestShape(rows=rows, image_tokens=image_tokens, text_tokens=len(prompt) // 4 + 1)
+
+    def measure_cost(self, steps: int = 3) -> None:
+        """Fit the cost model from a few short batches on the workers: one request alone, two
+        together, and one at half size (a warm-up run first, not counted). Cheap on the presets
+        (tens of forwards); a JSON profile (EngineConfig.cost_profile) skips it."""
+        inputs = self.model_info.family.inputs
+        if "prompt" in inputs:
+            prompt: dict = {"prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "blurry"}
+        elif "class_label" in inputs:
+            prompt = {"class_label": 1}
+        else:
+            return
+        info = self.model_info
+        half = [
+            None if side is None else max(16, side // 2 // 16 * 16)
+            for side in (info.default_height, info.default_width)
+        ]
+        plans = [(1, [None, None], CostModel()), (1, [None, None], self.cost_model), (2, [None, None], self.cost_model)]
+        plans.append((1, half, self.cost_model))
+        for k, (count, (height, width), model) in enumerate(plans):
+            scheduler = StepScheduler(max_num_seqs=count, policy=FcfsPolicy(model))
+            try:
+                for i in range(count):
+                    params = SamplingParams(
+                        num_inference_steps=steps, seed=i, height=height, width=width, output_type="np"
+                    )
+                    scheduler.add_request(self.make_request(prompt, params, f"cost-profile-{k}-{i}"))
+            except ValueError:
+                continue  # a size this model does not take: profile with the others
+            while (batch := scheduler.schedule(started := time.monotonic())) is not None:
+                self.executor.submit(batch)
+                results = self.executor.collect()
+                now = time.monotonic()
+                scheduler.update(results, now, seconds=now - started)
 
     def _request_memory(self, params: SamplingParams, fields: dict) -> int:
         """The request's estimated activation memory; ValueError if it could never fit."""
@@ -213,18 +286,32 @@ class EngineCore:
     def _step(self, schedule: bool) -> list[RequestOutput]:
         while schedule and (batch := self.schedule()) is not None:
             self.executor.submit(batch)
+            self._submitted[batch.step_id] = time.monotonic()
             self._pending += 1
         if self._pending == 0:
             return []
         results = self.executor.collect()
         self._pending -= 1
         self.stats.record(results)
-        return self.scheduler.update(results, time.monotonic())
+        now = time.monotonic()
+        return self.scheduler.update(results, now, seconds=self._batch_wall_time(results.step_id, now))
+
+    def _batch_wall_time(self, step_id: int, now: float) -> float | None:
+        """What the batch cost the engine in wall time, for the cost model: since the previous
+        batch's results if this one was already submitted then (the workers went straight on
+        to it), else since its submission. Engine-side work (scheduling, outputs to callers)
+        is included, as deadlines are kept in wall time."""
+        submitted = self._submitted.pop(step_id, None)
+        previous, self._last_collect = self._last_collect, now
+        if submitted is None:
+            return None
+        return now - (max(submitted, previous) if previous is not None else submitted)
 
     def _recover(self, crash: EngineDeadError) -> list[RequestOutput]:
         """Replace the crashed worker grid, or re-raise once restarts are off or used up."""
         noticed = time.monotonic()
         self._pending = 0
+        self._submitted.clear()
         error = crash.reason
         delay = self._restarts.next_delay(noticed)
         if delay is None:
@@ -263,6 +350,7 @@ class EngineCore:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         self._pending = 0
+        self._submitted.clear()
         return self.scheduler.fail_all(error, time.monotonic())
 
     def shutdown(self) -> None:

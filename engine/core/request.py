@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.contract.messages import NewRequest
 from engine.contract.sampling_params import SamplingParams
+from engine.core.cost_model import RequestShape
 
 
 class RequestStatus(enum.Enum):
@@ -51,6 +52,14 @@ class Request:
     # The id the workers know this incarnation by: the request id, unless an earlier request with
     # that id may still have state or results on their side (then the scheduler makes it unique).
     wire_id: str = ""
+    # What it puts into a step batch, for the cost model (set by the engine from the model's shapes).
+    shape: RequestShape = field(default_factory=RequestShape)
+    # Set by the deadline policy: the deadline on the engine clock (None: best effort), the later
+    # one it is ordered by once its own cannot be met (so it still finishes), and whether that
+    # has happened.
+    deadline_at: float | None = None
+    fallback_at: float = 0.0
+    late: bool = False
 
     def __post_init__(self) -> None:
         self.num_steps = self.params.num_inference_steps

@@ -1,9 +1,11 @@
 """The step scheduler: which requests take a denoising step next.
 
 Pure and steppable (no IO, no tensors, no clock of its own), so it is unit-tested with fake
-results. Every call to `schedule()` admits waiting requests up to `max_num_seqs` (first come,
-first served within a client, taking turns between clients: see fair_queue.py) and returns one
-step batch holding every running request that is not already in a batch in flight. With
+results. Every call to `schedule()` admits waiting requests up to `max_num_seqs` (in the order
+of the scheduling policy, policy.py: by default first come, first served within a client,
+taking turns between clients, see fair_queue.py) and returns one step batch holding the running
+requests the policy chooses among those not already in a batch in flight. Every batch's
+measured time refits the policy's cost model (cost_model.py). With
 `max_batches_in_flight > 1` (pipeline parallelism) consecutive batches hold disjoint requests,
 so each stage can work on a different batch. With `overlap=True` (async
 scheduling) a request may also sit in two consecutive batches: the engine already knows it has
@@ -22,7 +24,8 @@ from typing import Any
 from engine.contract.errors import OverloadedError
 from engine.contract.messages import StepBatch, StepResults
 from engine.contract.outputs import RequestMetrics, RequestOutput, is_video, to_frames, to_images
-from engine.core.fair_queue import FairQueue
+from engine.core.cost_model import batch_features
+from engine.core.policy import FcfsPolicy, SchedulingPolicy
 from engine.core.request import Request, RequestStatus
 
 
@@ -35,6 +38,7 @@ class StepScheduler:
         overlap: bool = False,
         memory_budget: int | None = None,
         max_paused: int = 0,
+        policy: SchedulingPolicy | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batches_in_flight = max_batches_in_flight
@@ -47,13 +51,20 @@ class StepScheduler:
         self.running_memory = 0
         self._running_by_client: Counter[str] = Counter()  # admission favours clients running fewer
         self._per_request_limit = 2 if overlap else 1
-        self.waiting = FairQueue()
+        self.policy = policy if policy is not None else FcfsPolicy(take_turns=max_paused > 0)
+        self.waiting = self.policy.new_queue()
+        self._features: dict[int, list] = {}  # step_id -> the batch's cost features
         self.running: dict[str, Request] = {}  # by request id
         self._by_wire: dict[str, Request] = {}  # the running requests by the id the workers know
         self.in_flight: dict[int, list[str]] = {}  # step_id -> wire ids
         self._drop: list[str] = []  # wire ids
         self._next_step_id = 0
         self._reuse = itertools.count()
+
+    @property
+    def cost_model(self):
+        """The policy's step-time model, refitted from every measured batch."""
+        return self.policy.cost_model
 
     # -- requests in -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -63,6 +74,7 @@ class StepScheduler:
             )
         if request.request_id in self.running or self.waiting.find(request.request_id) is not None:
             raise ValueError(f"request_id {request.request_id!r} is already in flight")
+        self.policy.admit(request)
         request.wire_id = self._fresh_wire_id(request.request_id)
         self.waiting.append(request)
 
@@ -99,6 +111,7 @@ class StepScheduler:
         self._by_wire.clear()
         self.waiting.clear()
         self.in_flight.clear()
+        self._features.clear()
         self._drop.clear()
         return outputs
 
@@ -112,6 +125,7 @@ class StepScheduler:
         self._running_by_client.clear()
         self._by_wire.clear()
         self.in_flight.clear()
+        self._features.clear()
         self._drop.clear()
         return outputs
 
@@ -134,10 +148,14 @@ class StepScheduler:
         now = time.monotonic() if now is None else now
         by_client = self._running_by_client
         limit = self.max_num_seqs + self.max_paused
+        self.policy.prepare(self.waiting, now)
         while self.waiting and len(self.running) < limit:
             head = self.waiting.peek(by_client)
-            if not self._fits(head) or (len(self.running) >= self.max_num_seqs and by_client[head.client]):
-                break  # no room, or past the row cap for a client that already has requests running
+            if not self._fits(head):
+                break  # no room
+            if len(self.running) >= self.max_num_seqs:
+                if not self.policy.may_pause_others(head, list(self.running.values()), by_client):
+                    break  # past the row cap, and the policy would not have it take a running request's turn
             request = self.waiting.popleft(by_client)
             self.running_memory += request.memory_bytes
             by_client[request.client] += 1
@@ -156,7 +174,8 @@ class StepScheduler:
             for r in self.running.values()
             if r.in_flight < self._per_request_limit and not (r.in_flight and r.steps_scheduled >= r.num_steps)
         ]
-        chosen = eligible[:rows] if self.max_paused == 0 else _take_turns(eligible, rows)
+        chosen = self.policy.choose(eligible, rows, now)
+        starting, finishing = 0, []
         for request in chosen:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
@@ -165,9 +184,12 @@ class StepScheduler:
             else:
                 new.append(request.to_new_request())
                 request.sent_to_workers = True
+                starting += 1
             request.in_flight += 1
             request.steps_scheduled += 1
             request.last_batch = self._next_step_id
+            if request.steps_scheduled == request.num_steps:
+                finishing.append(request.shape)
         if not new and not cached and not self._drop:
             return None
         batch = StepBatch(step_id=self._next_step_id, new=new, cached=cached, drop=self._drop)
@@ -176,6 +198,7 @@ class StepScheduler:
         ids = [r.request_id for r in new] + cached
         if ids:
             self.in_flight[batch.step_id] = ids
+            self._features[batch.step_id] = batch_features([r.shape for r in chosen], starting, finishing)
         return batch
 
     def _fits(self, request: Request) -> bool:
@@ -185,10 +208,18 @@ class StepScheduler:
             return True
         return self.running_memory + request.memory_bytes <= self.memory_budget
 
-    def update(self, results: StepResults, now: float | None = None) -> list[RequestOutput]:
-        """Apply one batch's results; returns an output per request that is still ours."""
+    def update(
+        self, results: StepResults, now: float | None = None, seconds: float | None = None
+    ) -> list[RequestOutput]:
+        """Apply one batch's results; returns an output per request that is still ours.
+        `seconds`: what the batch took in wall time, for the cost model (default: the workers'
+        own time for it)."""
         now = time.monotonic() if now is None else now
         ids = self.in_flight.pop(results.step_id, [])
+        features = self._features.pop(results.step_id, None)
+        seconds = results.execute_s if seconds is None else seconds
+        if features is not None and seconds > 0:
+            self.cost_model.observe(features, seconds)
         outputs = []
         seen = set()
         for out in results.outputs:
@@ -249,20 +280,3 @@ class StepScheduler:
             seed=request.seed,
             metrics=metrics,
         )
-
-
-def _take_turns(eligible: list[Request], rows: int) -> list[Request]:
-    """`rows` of the eligible requests, shared evenly between clients and, within a client, the
-    ones that waited longest since their last step first: requests beyond the row cap sit out
-    steps in turn (their state stays on the workers) instead of one client's requests holding
-    every row."""
-    if len(eligible) <= rows:
-        return eligible
-    taken: Counter[str] = Counter()
-    pool, chosen = list(eligible), []
-    for _ in range(rows):
-        pick = min(pool, key=lambda r: (taken[r.client], r.last_batch))
-        pool.remove(pick)
-        chosen.append(pick)
-        taken[pick.client] += 1
-    return chosen

@@ -1,0 +1,235 @@
+"""The real StepScheduler and its policies on a simulated clock, for evaluating policies at scale.
+
+Nothing is stubbed on the scheduler's side: requests go through `add_request` (admission
+control included), every step batch comes from `schedule()`, and results go through `update()`,
+which also refits the policy's cost model from the "measured" batch time, as in the engine.
+Only the workers are replaced: they count steps, and a batch takes the time a cost profile
+(benchmarks/profiles/*.json) predicts for its composition, times optional noise. So 10,000
+requests take seconds, and the same workload can be replayed under every policy and load.
+
+The diffusers baselines run on the same clock and profile: `sequential` runs one request at a
+time in arrival order, `static` runs batches of waiting requests with equal parameters to
+completion (as benchmarks/throughput.py serves them on real hardware).
+
+Usage: python benchmarks/simulator.py --profile benchmarks/profiles/flux-dev-h100.json --num-requests 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.contract.errors import DeadlineUnmeetableError  # noqa: E402
+from engine.contract.messages import StepBatch, StepOutput, StepResults  # noqa: E402
+from engine.contract.sampling_params import SamplingParams  # noqa: E402
+from engine.core.cost_model import CostModel, RequestShape, batch_features  # noqa: E402
+from engine.core.policy import make_policy  # noqa: E402
+from engine.core.request import Request  # noqa: E402
+from engine.core.scheduler import StepScheduler  # noqa: E402
+
+
+@dataclass
+class Spec:
+    """One request of a workload."""
+
+    index: int
+    arrival: float
+    kind: str  # "short" or "long"
+    steps: int
+    height: int
+    width: int
+    deadline_s: float | None
+    priority: int = 0
+
+
+@dataclass
+class Outcome:
+    kind: str
+    arrival: float
+    finish: float | None  # None: refused at admission
+    deadline_s: float | None
+
+    @property
+    def met(self) -> bool:
+        return self.finish is not None and (self.deadline_s is None or self.finish - self.arrival <= self.deadline_s)
+
+
+class Profile:
+    """A cost profile: the step-time coefficients and the model geometry that turns a request's
+    size into its shape (rows, image tokens, text tokens)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.data = json.loads(self.path.read_text())
+        self.cost = CostModel.load(self.path)
+        geometry = self.data["geometry"]
+        self.scale = geometry["vae_scale"] * geometry["patch"]
+        self.rows = geometry["rows"]
+        self.text_tokens = geometry["text_tokens"]
+
+    def shape(self, height: int, width: int) -> RequestShape:
+        return RequestShape(self.rows, (height // self.scale) * (width // self.scale), self.text_tokens)
+
+    def alone_s(self, steps: int, height: int, width: int) -> float:
+        """A request's service time with the workers to itself (one batch per step)."""
+        shape = self.shape(height, width)
+        return self.cost.run_alone_time(shape, steps)
+
+    def fresh_model(self) -> CostModel:
+        """What a policy starts from: the profile, refitted online from then on."""
+        return CostModel.load(self.path)
+
+
+_PIXEL = np.zeros((1, 1, 1, 3), np.float32)  # what a finished request returns (the scheduler wants an image)
+
+
+class _Workers:
+    """Count steps per request, as the real workers keep its state."""
+
+    def __init__(self) -> None:
+        self.done: dict[str, list[int]] = {}
+
+    def run(self, batch: StepBatch, seconds: float) -> StepResults:
+        for wire_id in batch.drop:
+            self.done.pop(wire_id, None)
+        for new in batch.new:
+            self.done[new.request_id] = [0, new.params.num_inference_steps]
+        outputs = []
+        for wire_id in [n.request_id for n in batch.new] + batch.cached:
+            state = self.done[wire_id]
+            state[0] += 1
+            finished = state[0] == state[1]
+            image = _PIXEL if finished else None
+            outputs.append(
+                StepOutput(request_id=wire_id, step=state[0], num_steps=state[1], finished=finished, image=image)
+            )
+            if finished:
+                del self.done[wire_id]
+        return StepResults(step_id=batch.step_id, outputs=outputs, execute_s=seconds)
+
+
+def simulate_stepweave(
+    specs: list[Spec],
+    profile: Profile,
+    policy: str,
+    max_num_seqs: int = 8,
+    max_paused: int = 8,
+    admission: str = "reject",
+    noise: float = 0.0,
+    seed: int = 0,
+) -> list[Outcome]:
+    """Serve `specs` with the real scheduler under `policy`; batch times from the profile."""
+    rng = random.Random(seed)
+    model = profile.fresh_model()
+    scheduler = StepScheduler(
+        max_num_seqs,
+        max_paused=max_paused,
+        policy=make_policy(policy, model, take_turns=max_paused > 0, deadline_admission=admission),
+    )
+    truth = profile.cost
+    workers = _Workers()
+    by_id: dict[str, Request] = {}
+    outcomes: dict[int, Outcome] = {}
+    pending = sorted(specs, key=lambda s: s.arrival)
+    clock, nxt = 0.0, 0
+    while nxt < len(pending) or scheduler.has_work():
+        while nxt < len(pending) and pending[nxt].arrival <= clock:
+            spec = pending[nxt]
+            nxt += 1
+            request = _request(spec, profile)
+            outcomes[spec.index] = Outcome(spec.kind, spec.arrival, None, spec.deadline_s)
+            try:
+                scheduler.add_request(request)
+            except DeadlineUnmeetableError:
+                continue
+            by_id[request.request_id] = request
+        batch = scheduler.schedule(clock)
+        if batch is None:
+            if nxt >= len(pending):
+                break
+            clock = max(clock, pending[nxt].arrival)
+            continue
+        ids = [n.request_id for n in batch.new] + batch.cached
+        shapes = [by_id[i].shape for i in ids]
+        finishing = [by_id[i].shape for i in ids if by_id[i].steps_scheduled == by_id[i].num_steps]
+        seconds = truth.predict(batch_features(shapes, len(batch.new), finishing))
+        if noise:
+            seconds *= rng.lognormvariate(0.0, noise)
+        clock += seconds
+        for out in scheduler.update(workers.run(batch, seconds), clock):
+            if out.finished:
+                outcomes[int(out.request_id)].finish = clock
+                del by_id[out.request_id]
+    return [outcomes[s.index] for s in specs]
+
+
+def _request(spec: Spec, profile: Profile) -> Request:
+    params = SamplingParams(
+        num_inference_steps=spec.steps,
+        height=spec.height,
+        width=spec.width,
+        priority=spec.priority,
+        deadline_s=spec.deadline_s,
+        output_type="np",
+    )
+    request = Request(str(spec.index), params, seed=spec.index, arrival_time=spec.arrival)
+    request.shape = profile.shape(spec.height, spec.width)
+    return request
+
+
+def simulate_diffusers(specs: list[Spec], profile: Profile, max_batch: int = 1) -> list[Outcome]:
+    """diffusers' pipeline on the simulated clock: max_batch=1 is sequential serving, otherwise
+    static batches of waiting requests with equal steps and size, each run to completion."""
+    pending = sorted(specs, key=lambda s: s.arrival)
+    outcomes: dict[int, Outcome] = {}
+    arrived: list[Spec] = []
+    clock, nxt = 0.0, 0
+    while nxt < len(pending) or arrived:
+        if not arrived:
+            clock = max(clock, pending[nxt].arrival)
+        while nxt < len(pending) and pending[nxt].arrival <= clock:
+            arrived.append(pending[nxt])
+            nxt += 1
+        head = arrived[0]
+        same = [s for s in arrived if (s.steps, s.height, s.width) == (head.steps, head.height, head.width)]
+        batch = same[:max_batch]
+        shapes = [profile.shape(s.height, s.width) for s in batch]
+        step = profile.cost.predict(batch_features(shapes))
+        first = profile.cost.predict(batch_features(shapes, len(batch))) - step
+        last = profile.cost.predict(batch_features(shapes, 0, shapes)) - step
+        clock += head.steps * step + first + last
+        taken = {s.index for s in batch}
+        arrived = [s for s in arrived if s.index not in taken]
+        for s in batch:
+            outcomes[s.index] = Outcome(s.kind, s.arrival, clock, s.deadline_s)
+    return [outcomes[s.index] for s in specs]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="benchmarks/profiles/flux-dev-h100.json")
+    parser.add_argument("--num-requests", type=int, default=10_000)
+    parser.add_argument("--load", type=float, default=0.9, help="offered load: arrival rate x mean service alone")
+    parser.add_argument("--policy", nargs="+", default=["fcfs", "priority", "deadline"])
+    args = parser.parse_args(argv)
+    from benchmarks.slo import attainment, make_workload, workload_classes
+
+    profile = Profile(args.profile)
+    specs = make_workload(args.num_requests, args.load, workload_classes(profile), profile, seed=0)
+    for policy in args.policy:
+        started = time.perf_counter()
+        outcomes = simulate_stepweave(specs, profile, policy)
+        print(f"{policy}: attainment {attainment(outcomes):.3f} ({time.perf_counter() - started:.1f} s wall)")
+
+
+if __name__ == "__main__":
+    main()
