@@ -105,3 +105,49 @@ def concurrent_forward_seconds(model: str, rows: int, processes: int, threads: i
     for p in procs:
         p.join()
     return statistics.mean(results)
+
+
+def _stage_worker(model, rows, stage, stages, threads, repeats, barrier, queue):
+    from pipelines.loading import load_step_pipeline
+    from pipelines.parallel.pipeline_parallel import split_evenly
+
+    torch.set_num_threads(threads)
+    pipeline = load_step_pipeline(model, device="cpu")
+    batch = _inputs(pipeline, rows)
+    blocks = list(pipeline.transformer_blocks())
+    counts = split_evenly(len(blocks), stages)
+    start = sum(counts[:stage])
+    medians = []
+    with torch.inference_mode():
+        for kept in (blocks[start : start + counts[stage]], []):  # this stage's blocks, then none
+            pipeline.pipe.transformer.transformer_blocks = torch.nn.ModuleList(kept)
+            pipeline.forward_rows(batch)
+            barrier.wait()  # every stage measures the same part at the same time
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                pipeline.forward_rows(batch)
+                samples.append(time.perf_counter() - t0)
+            medians.append(statistics.median(samples))
+    queue.put((stage, medians[0] - medians[1]))
+
+
+def concurrent_stage_block_seconds(
+    model: str, rows: int, stages: int, threads: int = 1, repeats: int = 5
+) -> list[float]:
+    """Seconds each pipeline stage spends in its own transformer blocks over `rows` rows while
+    every other stage runs its blocks at the same time: a forward with the stage's blocks minus
+    the same forward with none, so embeddings and the output head (which the real stages split
+    between them) count for no stage."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier, queue = spawn.Barrier(stages), spawn.Queue()
+    procs = [
+        spawn.Process(target=_stage_worker, args=(model, rows, s, stages, threads, repeats, barrier, queue))
+        for s in range(stages)
+    ]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    return [results[s] for s in range(stages)]

@@ -58,9 +58,12 @@ def _parallel(reports, key: str, label: str) -> dict[str, list[str]]:
     (report,) = reports
     one, two = (report["systems"][f"{key}-{n}"] for n in (1, 2))
     n = report["config"]["num_requests"]
-    forward, concurrent = report["forward_s_by_rows"], report["concurrent_forward_s_by_rows"]
     ratio = two["throughput_rps"] / one["throughput_rps"]
-    limit = forward[str(2 * n)] / concurrent[str(n)]
+    if key == "cfg":  # all 2n CFG rows in one process over n rows while another process runs n
+        forward, concurrent = report["forward_s_by_rows"], report["concurrent_forward_s_by_rows"]
+        limit = forward[str(2 * n)] / concurrent[str(n)]
+    else:  # n requests per (steps x the slower stage's blocks over 2n rows), over PP=1's throughput
+        limit = n / (report["config"]["steps"] * max(report["stage_block_s"])) / one["throughput_rps"]
     rows = {
         f"{label}=1": [
             f"{one['throughput_rps']:.3f} req/s",
