@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from engine import Omni, SamplingParams
-from tests.service_peers import ServerProcess
+from tests.service_peers import GatewayProcess, ServerProcess
 from tests.test_image_inputs import kontext_args, picture
 
 pytestmark = pytest.mark.slow
@@ -202,3 +202,22 @@ def test_inpainting_mask_of_the_wrong_size_then_a_good_one(_preset_cache, tmp_pa
         (expected,) = omni.generate(prompt, params, use_tqdm=False)
     edited = _decode(response.json()["data"][0]["b64_json"])
     np.testing.assert_array_equal(np.asarray(edited.convert("RGB")), np.asarray(expected.images[0]))
+
+
+def test_gateway_forwards_edits_and_the_engines_refusals(server, http):
+    """The gateway decodes the upload and re-submits it through AsyncEngineClient: the same PNG
+    as the engine server's own HTTP API, and the engine's lower pixel limit still names `image`."""
+    form = {"prompt": "a fox", "num_inference_steps": "2", "seed": "9", "pipeline_args": json.dumps(KONTEXT)}
+    files = {"image": ("a.jpg", _encoded(picture(64, 64, 4), "JPEG"), "image/jpeg")}
+    gateway = GatewayProcess([server.address]).wait_ready()
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=60) as through:
+            routed = through.post("/v1/images/edits", data=form, files=files)
+            big = {"image": ("a.png", _encoded(picture(97, 97, 2), "PNG"), "image/png")}
+            refused = _error(through.post("/v1/images/edits", data=form, files=big), "image")
+    finally:
+        gateway.stop()
+    assert routed.status_code == 200, routed.text
+    direct = http.post("/v1/images/edits", data=form, files=files)
+    assert routed.json()["data"][0]["b64_json"] == direct.json()["data"][0]["b64_json"]
+    assert f"at most {MAX_PIXELS} pixels" in refused["message"]

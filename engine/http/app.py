@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from engine.contract.input_images import MAX_INPUT_PIXELS
 from engine.http import sse_events
 from engine.http.api_errors import APIError, unavailable
 from engine.http.edit_request import parse_edit_request
@@ -113,7 +112,7 @@ def build_app(
         check_auth(request)
         form = await read_form(request, max_upload_bytes)
         try:
-            image_request = await parse_edit_request(form, getattr(backend, "max_input_pixels", MAX_INPUT_PIXELS))
+            image_request = await parse_edit_request(form, backend.max_input_pixels)
         finally:
             await form.close()
         return await respond(request, image_request, "/v1/images/edits")
