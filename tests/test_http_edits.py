@@ -1,6 +1,7 @@
 """`POST /v1/images/edits` on `stepweave serve --http`: the official `openai` client and raw
 multipart uploads against a real server process for tiny Kontext, compared with `Omni`; bad
-uploads are refused with a 400 naming the field while the server keeps serving.
+uploads are refused with a 400 naming the field while the server keeps serving; the gateway
+forwards edits.
 
 One server for the module (in-process executor, --max-input-pixels 96x96, a 300 kB upload limit).
 """
