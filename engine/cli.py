@@ -293,7 +293,15 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         from engine.http.serve_app import serve_with_http
 
-        asyncio.run(serve_with_http(server, http_socket, api_key=args.api_key, max_body_bytes=args.max_body_bytes))
+        asyncio.run(
+            serve_with_http(
+                server,
+                http_socket,
+                api_key=args.api_key,
+                max_body_bytes=args.max_body_bytes,
+                max_upload_bytes=args.max_upload_bytes,
+            )
+        )
     return server.exit_code
 
 
@@ -315,6 +323,12 @@ def add_http_args(parser: argparse.ArgumentParser) -> None:
         help="Bearer key that /v1/ requests must carry (from $STEPWEAVE_API_KEY if set; required off loopback)",
     )
     http.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
+    http.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=32 << 20,
+        help="largest /v1/images/edits body (its uploaded images) accepted (413 beyond)",
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -51,7 +51,13 @@ async def _run(args: argparse.Namespace, keys: list, sock) -> None:
     )
     try:
         await backend.start()
-        app = build_app(backend, metrics, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        app = build_app(
+            backend,
+            metrics,
+            api_key=args.api_key,
+            max_body_bytes=args.max_body_bytes,
+            max_upload_bytes=args.max_upload_bytes,
+        )
         up = sum(route.healthy for route in backend.routes)
         log.info("stepweave gateway ready: %s over %d engine server(s), %d up", http_url(sock), len(backend.routes), up)
         await make_server(app).serve(sockets=[sock])

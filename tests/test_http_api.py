@@ -278,9 +278,12 @@ def test_malformed_requests_get_status_and_error_object(server, http, qwen_dir):
     _error(http.post(url, content=huge, headers={"Content-Type": "application/json"}), 413, None, "request_too_large")
     _error(http.get("/v1/nothing"), 404, None)
     _error(http.get(url), 405, None)
-    _error(
-        http.post("/v1/images/edits", files={"image": b"png"}, data={"prompt": "a fox"}), 400, "image", "unsupported"
-    )
+    # Qwen-Image (text-to-image) takes no input image: the engine's own check, naming the field
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(picture, format="PNG")
+    edit = http.post("/v1/images/edits", files={"image": ("a.png", picture.getvalue())}, data={"prompt": "a fox"})
+    assert "image is not an input of qwen-image models" in _error(edit, 400, "image")["message"]
+    _error(http.post("/v1/images/variations", files={"image": b"png"}), 400, "image", "unsupported")
     with httpx.Client(base_url=server.http_url) as anonymous:
         _error(anonymous.post(url, json=OK), 401, None, "invalid_api_key")
         _error(anonymous.post(url, json=OK, headers={"Authorization": "Bearer wrong"}), 401, None, "invalid_api_key")

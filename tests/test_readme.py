@@ -1,7 +1,7 @@
 """Every code block of README.md runs as written, in a fresh folder, the way a new user runs it.
 
 bash blocks run in bash, python blocks as scripts. A block that starts `stepweave serve` starts
-the server the later blocks talk to (stopped at the end); the install prefix of the first
+a server the later blocks talk to (each stopped at the end); the install prefix of the first
 commands is what CI (.ci/run) has just done, so it is checked against .ci/run and left out; the
 test command is checked against .ci/run's and not run (it would run this test again).
 """
@@ -52,8 +52,8 @@ def without_install(command: str) -> str:
 class Server:
     """A README `stepweave serve` command, running in the background until the end."""
 
-    def __init__(self, command: str, cwd: Path, env: dict):
-        self.log = cwd / "server.log"
+    def __init__(self, command: str, cwd: Path, env: dict, log_name: str):
+        self.log = cwd / log_name
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 ["bash", "-c", command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -89,7 +89,7 @@ def test_every_readme_block_runs_as_written(_preset_cache):
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
     )
-    server: Server | None = None
+    servers: list[Server] = []
     ran = []
     try:
         for lang, body in readme_blocks():
@@ -105,7 +105,7 @@ def test_every_readme_block_runs_as_written(_preset_cache):
                     assert body == ci_commands()[-1], (body, ci_commands()[-1])
                     continue
                 if body.split()[:2] == ["stepweave", "serve"]:
-                    server = Server(body, work, env)
+                    servers.append(Server(body, work, env, f"server{len(servers) or ''}.log"))
                     ran.append(body)
                     continue
                 command = ["bash", "-e", "-c", body]
@@ -114,9 +114,9 @@ def test_every_readme_block_runs_as_written(_preset_cache):
             assert "Traceback" not in result.stderr, result.stderr
             ran.append(body)
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
-    assert server is not None and server.proc.returncode == 0, "README's serve block did not stop cleanly"
+    assert servers and all(s.proc.returncode == 0 for s in servers), "a README serve block did not stop cleanly"
     assert any("stepweave generate" in body for body in ran)
     # what the blocks say they write is there
     written = (
@@ -130,6 +130,7 @@ def test_every_readme_block_runs_as_written(_preset_cache):
         "waves.mp4",
         "curl-fox.png",
         "openai-fox.png",
+        "curl-edit.png",
     )
     for name in written:
         assert (work / name).is_file(), name

@@ -9,8 +9,10 @@ from starlette.responses import JSONResponse
 
 # The request field a validation message names: "SamplingParams.height must ..." -> "height".
 _FIELD = re.compile(r"SamplingParams\.(\w+)")
+# A prompt dict key a message names: "prompt['mask_image'] is ..." or "image is not an input of ...".
+_PROMPT_KEY = re.compile(r"^(?:prompt\['(\w+)'\]|(\w+) is not an input)")
 # Engine field names that the HTTP request spells differently.
-_HTTP_NAMES = {"height": "size", "width": "size", "num_images_per_prompt": "n"}
+_HTTP_NAMES = {"height": "size", "width": "size", "num_images_per_prompt": "n", "mask_image": "mask"}
 
 
 class APIError(Exception):
@@ -43,9 +45,13 @@ def from_validation(exc: ValueError) -> APIError:
     """A ValueError from stepweave's request checks as a 400 naming the HTTP field."""
     message = str(exc)
     match = _FIELD.search(message)
+    key = _PROMPT_KEY.match(message)
     param = None
     if match is not None:
         param = _HTTP_NAMES.get(match.group(1), match.group(1))
+    elif key is not None:
+        name = key.group(1) or key.group(2)
+        param = _HTTP_NAMES.get(name, name)
     elif message.startswith("negative_prompt") or message.startswith("prompt"):
         param = message.split()[0]
     return bad_request(message, param)

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI's Images API over a backend (the server's own engine, or the gateway's
 engine servers), plus /health and /metrics.
 
-A backend provides `models()`, `serving`, `track(task)` and `generate(model, prompt, params)`,
+A backend provides `models()`, `serving`, `track(task)`, `max_input_pixels` (per uploaded
+image) and `generate(model, prompt, params)`,
 an async iterator of RequestOutputs that raises ValueError (bad request), OverloadedError or
 EngineDeadError (the engine is gone). Everything here is the HTTP side of it: auth, body
 limits, request parsing, responses and the event stream.
@@ -20,11 +21,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.http import sse_events
 from engine.http.api_errors import APIError, unavailable
+from engine.http.edit_request import parse_edit_request
 from engine.http.generation import ERROR, FINAL, GONE, PROGRESS, Generation
 from engine.http.image_encoding import encode_image
 from engine.http.image_request import ImageRequest, check_model, parse_generation_request
 from engine.http.metrics import CONTENT_TYPE, ServiceMetrics
-from engine.http.request_body import DEFAULT_MAX_BODY_BYTES, read_json
+from engine.http.request_body import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES, read_form, read_json
 
 CLIENT_GONE = 499  # nginx's "client closed request": counted, never seen by the client
 ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models", "/health", "/metrics")
@@ -39,6 +41,7 @@ def build_app(
     *,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
 ) -> FastAPI:
     metrics = metrics if metrics is not None else ServiceMetrics()
     app = FastAPI(title="stepweave", docs_url=None, redoc_url=None, openapi_url=None)
@@ -72,15 +75,12 @@ def build_app(
             "other", APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).response()
         )
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request) -> Response:
-        check_auth(request)
-        image_request = parse_generation_request(await read_json(request, max_body_bytes))
+    async def respond(request: Request, image_request: ImageRequest, route: str) -> Response:
+        """Generate (an image request from either route) and answer: JSON, or the event stream."""
         if not backend.serving:
             raise unavailable("the engine is not taking requests (shutting down or dead)")
         model = check_model(image_request, backend.models())
         generation = Generation(backend, model, image_request, request)
-        route = "/v1/images/generations"
         try:
             kind, payload = await generation.next()
             while kind == PROGRESS and not image_request.stream:
@@ -101,14 +101,29 @@ def build_app(
             route, StreamingResponse(_stream(generation, kind, payload, image_request), media_type="text/event-stream")
         )
 
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> Response:
+        check_auth(request)
+        image_request = parse_generation_request(await read_json(request, max_body_bytes))
+        return await respond(request, image_request, "/v1/images/generations")
+
     @app.post("/v1/images/edits")
-    @app.post("/v1/images/variations")
     async def edits(request: Request) -> Response:
+        check_auth(request)
+        form = await read_form(request, max_upload_bytes)
+        try:
+            image_request = await parse_edit_request(form, backend.max_input_pixels)
+        finally:
+            await form.close()
+        return await respond(request, image_request, "/v1/images/edits")
+
+    @app.post("/v1/images/variations")
+    async def variations(request: Request) -> Response:
         check_auth(request)
         raise APIError(
             400,
-            "this server's models take no input images (stepweave does not accept input images yet), "
-            "so image edits and variations are not served; use /v1/images/generations",
+            "image variations are not served (no stepweave pipeline makes variations of an image); "
+            "use /v1/images/edits with a prompt",
             param="image",
             code="unsupported",
         )
@@ -172,12 +187,13 @@ async def _stream(generation: Generation, kind: str, payload, request: ImageRequ
             if kind in (PROGRESS, FINAL):
                 reached = payload.num_steps if kind == FINAL else payload.step
                 for step in range(done + 1, reached + 1):
-                    yield sse_events.progress_event(step, payload.num_steps)
+                    yield sse_events.progress_event(step, payload.num_steps, request.events)
                 done = max(done, reached)
             if kind == FINAL:
                 for index, b64 in enumerate(await _encoded(payload, request)):
                     seed = None if payload.seed is None else payload.seed + index
-                    yield sse_events.completed_event(b64, index, seed, _size(payload), request.output_format, USAGE)
+                    size, output_format = _size(payload), request.output_format
+                    yield sse_events.completed_event(b64, index, seed, size, output_format, USAGE, request.events)
                 return
             if kind == ERROR:
                 yield sse_events.error_event(payload.body())

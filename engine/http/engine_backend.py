@@ -30,6 +30,11 @@ class EngineBackend:
         return [self.engine.core.model_name]
 
     @property
+    def max_input_pixels(self) -> int:
+        """Uploads larger than the engine takes are refused before they are decoded."""
+        return self.engine.core.config.max_input_pixels
+
+    @property
     def serving(self) -> bool:
         if self.server is not None:
             return self.server.serving

@@ -20,6 +20,7 @@ from typing import AsyncIterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.contract.errors import EngineDeadError, OverloadedError, ServerUnavailableError
+from engine.contract.input_images import MAX_INPUT_PIXELS
 from engine.contract.outputs import RequestOutput
 from engine.contract.sampling_params import SamplingParams
 from engine.http.metrics import ServiceMetrics
@@ -42,6 +43,10 @@ class EngineRoute:
 
 
 class GatewayBackend:
+    # Uploads are decoded here up to the largest input any engine may take; each engine server
+    # then applies its own --max-input-pixels, and its refusal names the field the same way.
+    max_input_pixels = MAX_INPUT_PIXELS
+
     def __init__(
         self,
         addresses: list[str],

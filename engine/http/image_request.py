@@ -1,4 +1,5 @@
-"""`POST /v1/images/generations` bodies: OpenAI's fields, stepweave's extensions, and nothing else.
+"""Image request bodies (generations as JSON; edits arrive as forms, made a body by edit_request.py):
+OpenAI's fields, stepweave's extensions, and nothing else.
 
 Every field is type- and range-checked here or by `SamplingParams.validate`, and an error names
 the field as the request spells it. OpenAI fields with no meaning for a diffusion engine are
@@ -15,6 +16,7 @@ from typing import Any
 
 from engine.contract.sampling_params import SamplingParams
 from engine.http.api_errors import APIError, bad_request, from_validation
+from engine.http.sse_events import GENERATION
 
 MAX_PROMPT_CHARS = 32_000  # OpenAI's limit for its image models
 MAX_N = 10
@@ -41,7 +43,6 @@ IGNORED_FIELDS: dict[str, type | tuple] = {
 # stepweave's own fields, by their SamplingParams names (checked there).
 EXTENSION_FIELDS = ("num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "scheduler", "pipeline_args")
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "stream")
-KNOWN_FIELDS = frozenset((*OPENAI_FIELDS, *EXTENSION_FIELDS, "negative_prompt", *IGNORED_FIELDS))
 
 
 @dataclass
@@ -52,16 +53,29 @@ class ImageRequest:
     output_format: str
     output_compression: int | None
     stream: bool
+    events: str = GENERATION  # the stream's event name prefix (edits: image_edit)
 
 
 def parse_generation_request(body: Any) -> ImageRequest:
     """The engine request for one JSON body; APIError (400, naming the field) when it is wrong."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
+    return parse_image_request(body, EXTENSION_FIELDS, IGNORED_FIELDS)
+
+
+def parse_image_request(
+    body: dict,
+    extensions: tuple[str, ...],
+    ignored: dict[str, type | tuple],
+    images: dict[str, Any] | None = None,
+) -> ImageRequest:
+    """A body with OpenAI's fields, these stepweave `extensions` and these `ignored` fields;
+    `images` (prompt dict keys `image`, `mask_image`) join the prompt as they are."""
+    known = set(OPENAI_FIELDS) | set(extensions) | set(ignored) | {"negative_prompt"}
+    unknown = sorted(set(body) - known)
     if unknown:
         raise bad_request(f"Unknown parameter: {unknown[0]!r}", unknown[0], "unknown_parameter")
-    for name, kind in IGNORED_FIELDS.items():
+    for name, kind in ignored.items():
         _typed(body, name, kind)
     prompt = _typed(body, "prompt", str, required=True)
     negative = _typed(body, "negative_prompt", str)
@@ -88,8 +102,8 @@ def parse_generation_request(body: Any) -> ImageRequest:
     if compression is not None and not 0 <= compression <= 100:
         raise bad_request(f"output_compression must be an integer in [0, 100], got {compression}", "output_compression")
     stream = bool(_typed(body, "stream", bool))
-    extensions = {name: _typed(body, name, _EXTENSION_TYPES[name]) for name in EXTENSION_FIELDS}
-    fields = {name: value for name, value in extensions.items() if value is not None}
+    given = {name: _typed(body, name, EXTENSION_TYPES[name]) for name in extensions}
+    fields = {name: value for name, value in given.items() if value is not None}
     params = SamplingParams(height=height, width=width, num_images_per_prompt=n, **fields)
     try:
         params.validate()
@@ -97,7 +111,7 @@ def parse_generation_request(body: Any) -> ImageRequest:
         raise from_validation(exc) from None
     return ImageRequest(
         model=_typed(body, "model", str),
-        prompt={"prompt": prompt, "negative_prompt": negative},
+        prompt={"prompt": prompt, "negative_prompt": negative, **(images or {})},
         params=params,
         output_format=output_format,
         output_compression=compression,
@@ -105,13 +119,14 @@ def parse_generation_request(body: Any) -> ImageRequest:
     )
 
 
-_EXTENSION_TYPES: dict[str, type | tuple] = {
+EXTENSION_TYPES: dict[str, type | tuple] = {
     "num_inference_steps": int,
     "guidance_scale": (int, float),
     "true_cfg_scale": (int, float),
     "seed": int,
     "scheduler": str,
     "pipeline_args": dict,
+    "strength": (int, float),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", (int, float): "a number"}
 

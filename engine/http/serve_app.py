@@ -13,10 +13,10 @@ from engine.service.server import EngineServer
 
 
 async def serve_with_http(
-    server: EngineServer, sock: socket.socket, *, api_key: str | None, max_body_bytes: int
+    server: EngineServer, sock: socket.socket, *, api_key: str | None, max_body_bytes: int, max_upload_bytes: int
 ) -> None:
     backend = EngineBackend(server.engine, server)
     metrics = ServiceMetrics()
     attach_engine(metrics, server.engine, lambda: backend.serving)
-    app = build_app(backend, metrics, api_key=api_key, max_body_bytes=max_body_bytes)
+    app = build_app(backend, metrics, api_key=api_key, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
     await serve_beside(server, app, sock)
