@@ -233,6 +233,10 @@ BAD_FIELDS = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x" * 32_001}, "prompt"),
     ({"negative_prompt": ["fog"]}, "negative_prompt"),
+    ({"priority": "high"}, "priority"),
+    ({"priority": 10**7}, "priority"),
+    ({"deadline_s": 0}, "deadline_s"),
+    ({"deadline_s": "soon"}, "deadline_s"),
     ({"quality": 3}, "quality"),  # accepted-and-ignored fields still have types
     ({"temperature": 0.5}, "temperature"),  # not a field of this API
 ]
@@ -256,6 +260,12 @@ def test_ignored_openai_fields_are_accepted(http):
         "partial_images": 2,
     }
     response = http.post("/v1/images/generations", json={**OK, **extras, "response_format": "b64_json", "model": None})
+    assert response.status_code == 200, response.text
+
+
+def test_service_levels_are_accepted_as_extensions(http):
+    """priority and deadline_s reach SamplingParams (this server's fcfs policy runs them as usual)."""
+    response = http.post("/v1/images/generations", json={**OK, "priority": 3, "deadline_s": 120})
     assert response.status_code == 200, response.text
 
 

@@ -41,7 +41,16 @@ IGNORED_FIELDS: dict[str, type | tuple] = {
     "svg": dict,
 }
 # stepweave's own fields, by their SamplingParams names (checked there).
-EXTENSION_FIELDS = ("num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "scheduler", "pipeline_args")
+EXTENSION_FIELDS = (
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "seed",
+    "scheduler",
+    "pipeline_args",
+    "priority",
+    "deadline_s",
+)
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "stream")
 
 
@@ -127,6 +136,8 @@ EXTENSION_TYPES: dict[str, type | tuple] = {
     "scheduler": str,
     "pipeline_args": dict,
     "strength": (int, float),
+    "priority": int,
+    "deadline_s": (int, float),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", (int, float): "a number"}
 
