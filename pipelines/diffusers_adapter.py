@@ -68,6 +68,8 @@ FROM_REQUEST = {
 PIXELS_PER_TOKEN = 16  # VAE 8x times 2x2 patches, the layout of every supported transformer
 # The largest of FLUX Kontext's preferred resolutions (1568x672), which `_auto_resize` picks from.
 AUTO_RESIZE_PIXELS = 1568 * 672
+# Pipelines whose __call__ combines several input images into one result (a list elsewhere is a batch).
+MULTI_IMAGE_PIPELINES = frozenset({"QwenImageEditPlusPipeline"})
 MAX_IMAGE_TOKENS = 16384  # 2048 x 2048: bounds one request's worker memory when the model sets no limit
 MAX_VIDEO_TOKENS = 75600  # Wan 2.1 at 720x1280 with 81 frames (21 latent frames of 45 x 80 tokens)
 
@@ -397,10 +399,15 @@ def _default(pipe_cls: type, name: str) -> Any:
 
 def _check_image_inputs(pipeline_class: str, parameters: frozenset[str], params, fields: dict[str, Any]) -> None:
     """Input images and strength only where the pipeline takes them; an image-to-image pipeline
-    (it takes `strength`) needs its image, an inpainting one its mask."""
+    (it takes `strength`) needs its image, an inpainting one its mask; several images only where
+    the pipeline combines them (elsewhere diffusers reads a list as a batch of prompts' images and
+    fails deep inside the forward)."""
     for key in IMAGE_KEYS:
         if fields.get(key) is not None and key not in parameters:
             raise ValueError(f"prompt[{key!r}] is not an input of {pipeline_class} (its __call__ takes no {key})")
+        given = fields.get(key)
+        if isinstance(given, list) and len(given) > 1 and pipeline_class not in MULTI_IMAGE_PIPELINES:
+            raise ValueError(f"prompt[{key!r}] is a list of {len(given)} images; {pipeline_class} takes one")
     if params.strength is not None and "strength" not in parameters:
         raise ValueError(f"SamplingParams.strength is not an input of {pipeline_class}")
     if "strength" in parameters and fields.get("image") is None:

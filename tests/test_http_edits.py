@@ -161,6 +161,8 @@ def test_bad_uploads_are_refused_naming_the_field(http):
     mask = _encoded(np.full((64, 64), 255, np.uint8), "PNG")
     no_masks = edit({"image": ("a.png", good, "image/png"), "mask": ("m.png", mask, "image/png")})
     assert "not an input of FluxKontextPipeline" in _error(no_masks, "mask")["message"]
+    two = [("image[]", ("a.png", good, "image/png")), ("image[]", ("b.png", good, "image/png"))]
+    assert "takes one" in _error(edit(two), "image")["message"]  # Kontext edits one image, not a batch
     assert _error(edit(), "image")["code"] == "missing_required_parameter"
     _error(edit(image="text, not a file"), "image")
     _error(edit({"image": ("a.png", good, "image/png")}, n="two"), "n")

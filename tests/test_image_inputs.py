@@ -293,6 +293,10 @@ def test_models_without_image_inputs_refuse_them(_preset_cache):
     assert "prompt['image'] is required: FluxImg2ImgPipeline starts from an input image" in error(
         "tiny-flux-img2img", "x"
     )
+    assert "prompt['image'] is a list of 2 images; FluxKontextPipeline takes one" in error(
+        "tiny-flux-kontext", {"prompt": "x", "image": [image, image]}
+    )
+    ModelInfo.load("tiny-flux-kontext").validate(*request_fields({"prompt": "x", "image": [image]}, SamplingParams()))
     info = ModelInfo.load("tiny-flux-img2img")
     assert info.num_steps(SamplingParams(num_inference_steps=10, strength=0.55)) == 6  # 5.5 steps round up
     assert info.num_steps(SamplingParams(num_inference_steps=10)) == 6  # the pipeline's default strength, 0.6
