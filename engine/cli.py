@@ -81,6 +81,12 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str = "tiny-
         help="pixels (height x width) one input image may have; larger ones are refused",
     )
     engine.add_argument(
+        "--max-input-images-mb",
+        type=int,
+        default=EngineConfig().max_input_images_mb,
+        help="MiB of input images the unfinished requests may hold together; more are refused as overloaded",
+    )
+    engine.add_argument(
         "--scheduling-policy",
         choices=["fcfs", "priority", "deadline"],
         default="fcfs",
@@ -114,6 +120,7 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
         dtype=args.dtype,
         compile=args.compile,
         max_input_pixels=args.max_input_pixels,
+        max_input_images_mb=args.max_input_images_mb,
         scheduling_policy=args.scheduling_policy,
         priority_aging_s=args.priority_aging_s,
         deadline_admission=args.deadline_admission,

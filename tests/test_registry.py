@@ -75,6 +75,7 @@ def test_family_declares_its_inputs_and_layouts(registered, negative_dir, dit_di
         ({"max_num_seqs": 0}, r"EngineConfig.max_num_seqs must be an integer in \[1, 4096\], got 0"),
         ({"executor": "threads"}, r"EngineConfig.executor must be one of \('mp', 'inproc'\), got 'threads'"),
         ({"max_waiting": -1}, r"EngineConfig.max_waiting must be an integer in \[0, "),
+        ({"max_input_images_mb": 10}, r"EngineConfig.max_input_images_mb must be an integer in \[64, "),
         ({"async_scheduling": "yes"}, "EngineConfig.async_scheduling must be true, false or null"),
         (
             {"executor": "inproc", "parallel_config": ParallelConfig(cfg_parallel_size=2)},

@@ -106,6 +106,37 @@ def test_bounded_waiting_queue_rejects_when_full():
         s.add_request(make("b"))
 
 
+def test_input_images_held_by_unfinished_requests_are_bounded():
+    """A queue of image requests cannot exhaust the engine's memory: the input images of waiting
+    and running requests stay within max_input_bytes, and a request that ends frees its share."""
+    mib = 1 << 20
+
+    def with_image(request_id):
+        request = make(request_id)
+        request.image = np.zeros((512, 512, 4), np.uint8)  # 1 MiB
+        return request
+
+    s = StepScheduler(max_num_seqs=1, max_input_bytes=3 * mib)
+    for rid in "abc":
+        s.add_request(with_image(rid))
+    full = r"hold 3 MiB of input images and this one 1 MiB \(max_input_images_mb=3\)"
+    with pytest.raises(OverloadedError, match=full):
+        s.add_request(with_image("d"))
+    s.add_request(make("plain"))  # no images: not bounded by them
+    s.abort("c")  # waiting
+    s.add_request(with_image("d"))
+    batch = s.schedule(now=0.0)
+    (running,) = [n.request_id for n in batch.new]
+    s.update(fake_results(batch, finished={running}), now=1.0)
+    assert s.input_bytes == 2 * mib
+    s.add_request(with_image("e"))
+    with pytest.raises(OverloadedError):
+        s.add_request(with_image("f"))
+    assert s.input_bytes == 3 * mib
+    s.fail_all("workers gone")
+    assert s.input_bytes == 0
+
+
 def test_async_scheduling_overlaps_steps_and_reconciles_errors():
     s = StepScheduler(max_num_seqs=4, max_batches_in_flight=2, overlap=True)
     s.add_request(make("a", steps=3))

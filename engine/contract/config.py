@@ -110,6 +110,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Pixels (height x width) one input image of a request may have (image-to-image, editing);
     # larger ones are refused at submission.
     max_input_pixels: int = 2048 * 2048
+    # MiB of input images the unfinished requests (waiting and running) may hold together; a
+    # request that would pass it is refused as overloaded, so a queue of image requests cannot
+    # exhaust the engine's memory (each may carry up to 64 MiB). None: no bound.
+    max_input_images_mb: int | None = 2048
     # Which requests step next (engine/core/policy.py): "fcfs" (first come, first served, fair
     # between clients); "priority" (SamplingParams.priority, higher first, aged by one level per
     # priority_aging_s seconds of waiting so nothing starves); "deadline" (SamplingParams.deadline_s:
@@ -161,6 +165,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         _int_at_least("max_worker_restarts", self.max_worker_restarts, 0, MAX_WORKER_RESTARTS)
         _int_at_least("max_paused", self.max_paused, 0, MAX_NUM_SEQS)
         _int_at_least("max_input_pixels", self.max_input_pixels, 1, MAX_INPUT_PIXELS)
+        if self.max_input_images_mb is not None:
+            _int_at_least("max_input_images_mb", self.max_input_images_mb, 64, 1 << 30)
         if self.memory_budget_mb is not None:
             _int_at_least("memory_budget_mb", self.memory_budget_mb, 1, 1 << 40)
         if self.scheduling_policy not in SCHEDULING_POLICIES:

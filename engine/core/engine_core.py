@@ -111,6 +111,7 @@ class EngineCore:
             config.max_num_seqs,
             max_batches_in_flight=pp_size if pp_size > 1 else (2 if async_scheduling else 1),
             max_waiting=config.max_waiting,
+            max_input_bytes=None if config.max_input_images_mb is None else config.max_input_images_mb << 20,
             overlap=async_scheduling and pp_size == 1,
             max_paused=max_paused,
             policy=policy,

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.contract.input_images import as_list
 from engine.contract.messages import NewRequest
 from engine.contract.sampling_params import SamplingParams
 from engine.core.cost_model import RequestShape
@@ -60,6 +61,11 @@ class Request:
     deadline_at: float | None = None
     fallback_at: float = 0.0
     late: bool = False
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of input images this request holds until it ends."""
+        return sum(a.nbytes for a in (*as_list(self.image), *as_list(self.mask_image)))
 
     def __post_init__(self) -> None:
         self.num_steps = self.params.num_inference_steps

@@ -39,10 +39,13 @@ class StepScheduler:
         memory_budget: int | None = None,
         max_paused: int = 0,
         policy: SchedulingPolicy | None = None,
+        max_input_bytes: int | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batches_in_flight = max_batches_in_flight
         self.max_waiting = max_waiting
+        self.max_input_bytes = max_input_bytes  # input images the unfinished requests may hold
+        self.input_bytes = 0
         self.overlap = overlap
         self.memory_budget = memory_budget  # bytes the running requests may need together
         # Requests that may be running beyond max_num_seqs, for clients that had none running;
@@ -74,9 +77,16 @@ class StepScheduler:
             )
         if request.request_id in self.running or self.waiting.find(request.request_id) is not None:
             raise ValueError(f"request_id {request.request_id!r} is already in flight")
+        held, size = self.input_bytes, request.input_bytes
+        if size and self.max_input_bytes is not None and held + size > self.max_input_bytes:
+            raise OverloadedError(
+                f"engine overloaded: unfinished requests hold {held >> 20} MiB of input images and this one "
+                f"{size >> 20} MiB (max_input_images_mb={self.max_input_bytes >> 20})"
+            )
         self.policy.admit(request)
         request.wire_id = self._fresh_wire_id(request.request_id)
         self.waiting.append(request)
+        self.input_bytes += size
 
     def _fresh_wire_id(self, request_id: str) -> str:
         """The request id, unless an earlier request with that id (aborted, failed, or finished
@@ -268,6 +278,7 @@ class StepScheduler:
         now = time.monotonic() if now is None else now
         request.status = status
         request.finished_time = now
+        self.input_bytes -= request.input_bytes
         queue = None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
         metrics = RequestMetrics(request.arrival_time, queue, now - request.arrival_time, request.step)
         return RequestOutput(
