@@ -107,10 +107,9 @@ class EngineServer:
         self.client_timeout_s = client_timeout_s
         self.drain_timeout_s = drain_timeout_s
         self.max_message_bytes = max_message_bytes
-        if isinstance(max_requests_per_client, bool) or not isinstance(max_requests_per_client, int):
-            raise ValueError(f"max_requests_per_client must be a positive integer, got {max_requests_per_client!r}")
-        if max_requests_per_client < 1:
-            raise ValueError(f"max_requests_per_client must be a positive integer, got {max_requests_per_client!r}")
+        limit = max_requests_per_client
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_requests_per_client must be a positive integer, got {limit!r}")
         self.max_requests_per_client = max_requests_per_client
         self.bound_address: str | None = None
         self._sessions: dict[bytes, Session] = {}
@@ -197,16 +196,15 @@ class EngineServer:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.drain_timeout_s)
             error = f"server shut down before the request finished (drain timeout {self.drain_timeout_s:g} s)"
+            for task in pending:
+                task.cancel()  # its engine request (a client's or the HTTP API's) is aborted as the task unwinds
             for session in list(self._sessions.values()):
                 for request_id, task in list(session.requests.items()):
                     if task in pending:
-                        task.cancel()  # its engine request is aborted as the task unwinds
                         self._post(
                             session.identity,
                             Output(request_id=request_id, step=0, num_steps=0, finished=True, error=error),
                         )
-            for task in self.other_requests & pending:
-                task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             if pending:
                 log.info("aborted %d request(s) still running after the drain timeout", len(pending))
