@@ -213,3 +213,38 @@ def test_a_profiled_cost_model_is_not_thrown_off_by_one_odd_batch():
     model.observe(normal, 5.0)
     model.refit()
     assert model.step_time([RequestShape(rows=2)] * 4) == pytest.approx(0.026, rel=0.05)
+
+
+def test_a_batch_of_two_sizes_pays_for_two_forwards_and_a_decode_call_per_size():
+    """The runner runs one forward per image size and one VAE call per size finishing: the
+    cost model counts them, and learns their cost from batches that mix sizes."""
+    small = RequestShape(rows=2, image_tokens=16, text_tokens=8, forward_key=(64, 64))
+    large = RequestShape(rows=2, image_tokens=64, text_tokens=8, forward_key=(128, 128))
+    truth = CostModel({"batch": 0.002, "rows": 0.001, "image_ktokens": 0.05, "forwards": 0.006, "decodes": 0.01})
+    features = batch_features([small, small, large], 1, [small, small])
+    assert features[FEATURES.index("forwards")] == 2 and features[FEATURES.index("decodes")] == 1
+    assert truth.step_time([small, large]) - truth.step_time([large]) == pytest.approx(0.002 + 0.0016 + 0.006)
+    assert truth.step_time([small, small]) - truth.step_time([small]) == pytest.approx(0.002 + 0.0016)
+    model = CostModel()
+    for n in range(1, 5):
+        for plan in ([small] * n, [large] * n, [small, large] * n):
+            for finishing in ([], plan[:1], plan[:2]):
+                features = batch_features(plan, 0, finishing)
+                model.observe(features, truth.predict(features))
+    model.refit()
+    assert model.step_time([small, large, large]) == pytest.approx(truth.step_time([small, large, large]), rel=0.02)
+    assert model.decode_time(large) == pytest.approx(truth.decode_time(large), rel=0.05)
+
+
+def test_the_deadline_policy_judges_a_batch_from_when_the_workers_will_start_it():
+    """With async scheduling the next batch is chosen while the one before runs. Counting from
+    now, taking the long request along looks safe for the urgent one (done at 2 s of its 2.5 s);
+    counting from when the running batch ends (1 s), it is not, so the urgent one runs alone."""
+    policy = make_policy("deadline", CostModel({"rows": 1.0}))
+    s = StepScheduler(max_num_seqs=2, max_batches_in_flight=2, overlap=True, policy=policy)
+    s.add_request(make("long", 5, deadline_s=100.0))
+    first = s.schedule(0.0)
+    s.add_request(make("urgent", 1, deadline_s=2.5))
+    second = s.schedule(0.0)
+    assert [n.request_id for n in first.new] == ["long"]
+    assert [n.request_id for n in second.new] == ["urgent"] and second.cached == []

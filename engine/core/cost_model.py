@@ -11,6 +11,13 @@ from its composition. Here that time is linear in a few features of the batch:
             + c4 * sum(rows * tokens**2) / 1e6    attention's quadratic part
             + c5 * requests starting              prompt encoding, noise, set_timesteps
             + c6 * sum(image_tokens finishing) / 1e3  VAE decode (one per request)
+            + c7 * forwards                       one transformer forward per batch key (image size)
+            + c8 * decodes                        one VAE call per batch key among those finishing
+
+The runner splits a step batch into one forward per batch key (requests of different sizes cannot
+share one), and joins the decodes of the requests of one key that finish together; each call has a
+fixed cost (launching its modules), so a batch mixing two sizes costs more than the per-row terms
+say, and decoding two requests together costs less than twice one.
 
 The coefficients come from a JSON profile, a short profile of the loaded model at engine start,
 or both, and are refitted online from every measured batch: a ridge fit over the most recent
@@ -30,7 +37,18 @@ import numpy as np
 PRIOR_WEIGHT = 8.0  # a profile counts as this many measured batches in the online fit
 OUTLIER_MADS = 6.0  # batches further off the fit than this many median deviations are left out
 
-FEATURES = ("batch", "rows", "image_ktokens", "text_ktokens", "attention_mtokens2", "starting", "decode_ktokens")
+FEATURES = (
+    "batch",
+    "rows",
+    "image_ktokens",
+    "text_ktokens",
+    "attention_mtokens2",
+    "starting",
+    "decode_ktokens",
+    "forwards",
+    "decodes",
+)
+START, DECODE, FORWARDS, DECODES = (FEATURES.index(f) for f in ("starting", "decode_ktokens", "forwards", "decodes"))
 
 
 @dataclass(frozen=True)
@@ -40,19 +58,29 @@ class RequestShape:
     rows: int = 1  # CFG branches x images: rows of every forward
     image_tokens: int = 0  # latent patches of one row
     text_tokens: int = 0  # prompt tokens of one row (an estimate)
+    forward_key: tuple | None = None  # requests share a forward only with equal keys; None: by image_tokens
+
+    @property
+    def key(self):
+        return self.image_tokens if self.forward_key is None else self.forward_key
 
 
 def batch_features(running: Iterable[RequestShape], starting: int = 0, finishing: Iterable[RequestShape] = ()) -> list:
     """The feature vector of one step batch (see the module docstring)."""
     rows = image = text = attention = 0.0
+    keys = set()
     for shape in running:
         tokens = shape.image_tokens + shape.text_tokens
         rows += shape.rows
         image += shape.rows * shape.image_tokens / 1e3
         text += shape.rows * shape.text_tokens / 1e3
         attention += shape.rows * tokens * tokens / 1e6
-    decode = sum(shape.image_tokens for shape in finishing) / 1e3
-    return [1.0, rows, image, text, attention, float(starting), decode]
+        keys.add(shape.key)
+    decode, decode_keys = 0.0, set()
+    for shape in finishing:
+        decode += shape.image_tokens / 1e3
+        decode_keys.add(shape.key)
+    return [1.0, rows, image, text, attention, float(starting), decode, float(len(keys)), float(len(decode_keys))]
 
 
 class CostModel:
@@ -108,8 +136,11 @@ class CostModel:
     def run_alone_time(self, shape: RequestShape, steps: int) -> float:
         """Seconds a request needs when it has the workers to itself: its first step with the
         encode, its middle steps, its last with the decode."""
-        step = self.step_time([shape])
-        return steps * step + self._coef[5] + self._coef[6] * shape.image_tokens / 1e3
+        return steps * self.step_time([shape]) + self._coef[START] + self.decode_time(shape)
+
+    def decode_time(self, shape: RequestShape) -> float:
+        """Seconds one request's decode adds to the batch it finishes in (decoded alone)."""
+        return self._coef[DECODE] * shape.image_tokens / 1e3 + self._coef[DECODES]
 
     def observe(self, features: list, seconds: float) -> None:
         """One measured batch; refits every `refit_every` batches."""

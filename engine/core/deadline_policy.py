@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 from engine.contract.errors import DeadlineUnmeetableError
-from engine.core.cost_model import CostModel, batch_features
+from engine.core.cost_model import FORWARDS, START, CostModel, batch_features
 from engine.core.keyed_queue import KeyedQueue
 from engine.core.policy import SchedulingPolicy
 from engine.core.request import Request
@@ -32,6 +32,7 @@ HORIZON_S = 600.0
 
 class DeadlinePolicy(SchedulingPolicy):
     name = "deadline"
+    uses_start_time = True  # with async scheduling a batch runs after the one in flight
 
     def __init__(self, cost_model: CostModel | None = None, admission: str = "reject", horizon_s: float = HORIZON_S):
         super().__init__(cost_model)
@@ -112,13 +113,15 @@ class DeadlinePolicy(SchedulingPolicy):
             return order[:limit]
         # Grow the batch in urgency order while the extra row makes no more urgent request that
         # would meet its deadline miss it.
-        features = batch_features(r.shape for r in order[:1])
+        features = batch_features([order[0].shape])
+        keys = {order[0].shape.key}
         met = self._meeting(order[:1], predict(features), now)
         chosen = 1
         for k in range(2, limit + 1):
-            extra = batch_features([order[k - 1].shape])
-            features = [a + b for a, b in zip(features, extra)]
-            features[0] = 1.0
+            shape = order[k - 1].shape
+            features = [a + b for a, b in zip(features, batch_features([shape]))]
+            keys.add(shape.key)
+            features[0], features[FORWARDS] = 1.0, float(len(keys))  # one batch, one forward per key
             now_met = self._meeting(order[:k], predict(features), now)
             if met - now_met:
                 break
@@ -128,15 +131,14 @@ class DeadlinePolicy(SchedulingPolicy):
     def _meeting(self, batch: list[Request], step: float, now: float) -> set[str]:
         """The requests of `batch` that meet their deadlines if every step takes `step`, plus the
         encodes of the ones starting and the decodes of those finishing no later than each."""
-        coef = self.cost_model.coef
-        start, decode = float(coef[5]), float(coef[6]) / 1e3
-        starting = start * sum(not r.sent_to_workers for r in batch)
+        model = self.cost_model
+        starting = model.coef[START] * sum(not r.sent_to_workers for r in batch)
         remaining = [(self._remaining(r), r) for r in batch]
         met = set()
         for left, r in remaining:
             if r.late or r.deadline_at is None:
                 continue
-            decodes = decode * sum(o.shape.image_tokens for n, o in remaining if n <= left)
+            decodes = sum(model.decode_time(o.shape) for n, o in remaining if n <= left)
             if now + left * step + starting + decodes <= r.deadline_at:
                 met.add(r.request_id)
         return met

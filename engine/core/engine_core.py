@@ -174,12 +174,14 @@ class EngineCore:
         else:
             cfg = fields.get("negative_prompt") is not None and (params.true_cfg_scale or 4.0) > 1
         rows = (2 if cfg else 1) * params.num_images_per_prompt
-        return RequestShape(rows=rows, image_tokens=image_tokens, text_tokens=len(prompt) // 4 + 1)
+        text_tokens = len(prompt) // 4 + 1
+        return RequestShape(rows, image_tokens, text_tokens, forward_key=(depth, height, width))
 
     def measure_cost(self, steps: int = 3) -> None:
         """Fit the cost model from a few short batches on the workers: one request alone, two
-        together, and one at half size (a warm-up run first, not counted). Cheap on the presets
-        (tens of forwards); a JSON profile (EngineConfig.cost_profile) skips it."""
+        together, one at half size, and one of each size together (a warm-up run first, not
+        counted). Cheap on the presets (tens of forwards); a JSON profile
+        (EngineConfig.cost_profile) skips it."""
         inputs = self.model_info.family.inputs
         if "prompt" in inputs:
             prompt: dict = {"prompt": "a lighthouse on a cliff at dusk", "negative_prompt": "blurry"}
@@ -192,12 +194,15 @@ class EngineCore:
             None if side is None else max(16, side // 2 // 16 * 16)
             for side in (info.default_height, info.default_width)
         ]
-        plans = [(1, [None, None], CostModel()), (1, [None, None], self.cost_model), (2, [None, None], self.cost_model)]
-        plans.append((1, half, self.cost_model))
-        for k, (count, (height, width), model) in enumerate(plans):
-            scheduler = StepScheduler(max_num_seqs=count, policy=FcfsPolicy(model))
+        full = [None, None]
+        # a warm-up (its own model, not counted), one alone, two together, one at half size, and
+        # one of each size together (two forwards in one batch: the per-forward cost)
+        plans = [([full], CostModel()), ([full], self.cost_model), ([full, full], self.cost_model)]
+        plans += [([half], self.cost_model), ([full, half], self.cost_model)]
+        for k, (sizes, model) in enumerate(plans):
+            scheduler = StepScheduler(max_num_seqs=len(sizes), policy=FcfsPolicy(model))
             try:
-                for i in range(count):
+                for i, (height, width) in enumerate(sizes):
                     params = SamplingParams(
                         num_inference_steps=steps, seed=i, height=height, width=width, output_type="np"
                     )

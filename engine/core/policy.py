@@ -7,7 +7,8 @@ only answers four questions, so policies stay small and the scheduler stays pure
 - `may_pause_others(head, running, by_client)`: may `head` start although max_num_seqs requests
   run (it then takes a row from one of them, within the max_paused budget);
 - `choose(eligible, rows, now)`: which running requests take this step (the others sit it out,
-  their state kept on the workers).
+  their state kept on the workers). A policy with `uses_start_time` gets, as `now`, when the
+  batch will start: after the batches still in flight, as the cost model predicts them.
 
 `fcfs` is first come, first served with fairness between clients: the waiting queue is the
 FairQueue, a client with nothing running may start beyond the cap, and running requests beyond
@@ -28,6 +29,7 @@ POLICIES = ("fcfs", "priority", "deadline")
 
 class SchedulingPolicy:
     name = ""
+    uses_start_time = False  # choose() gets when its batch will start (after those in flight), not now
 
     def __init__(self, cost_model: CostModel | None = None):
         self.cost_model = cost_model if cost_model is not None else CostModel()

@@ -184,7 +184,7 @@ class StepScheduler:
             for r in self.running.values()
             if r.in_flight < self._per_request_limit and not (r.in_flight and r.steps_scheduled >= r.num_steps)
         ]
-        chosen = self.policy.choose(eligible, rows, now)
+        chosen = self.policy.choose(eligible, rows, now + self._busy_s())
         starting, finishing = 0, []
         for request in chosen:
             if request.first_scheduled_time is None:
@@ -210,6 +210,15 @@ class StepScheduler:
             self.in_flight[batch.step_id] = ids
             self._features[batch.step_id] = batch_features([r.shape for r in chosen], starting, finishing)
         return batch
+
+    def _busy_s(self) -> float:
+        """How long until the workers can start the batch being scheduled now: the predicted
+        time of the batches still in flight (with async scheduling, the one the workers have
+        just started), so a policy judges deadlines from when its batch will really run."""
+        if not self.in_flight or not self.policy.uses_start_time:
+            return 0.0
+        predict = self.cost_model.predict
+        return sum(predict(features) for step, features in self._features.items() if step in self.in_flight)
 
     def _fits(self, request: Request) -> bool:
         """Admitting `request` keeps the running set within the memory budget. (The next
