@@ -7,9 +7,12 @@ Only the workers are replaced: they count steps, and a batch takes the time a co
 (benchmarks/profiles/*.json) predicts for its composition, times optional noise. So 10,000
 requests take seconds, and the same workload can be replayed under every policy and load.
 
-The diffusers baselines run on the same clock and profile: `sequential` runs one request at a
-time in arrival order, `static` runs batches of waiting requests with equal parameters to
-completion (as benchmarks/throughput.py serves them on real hardware).
+The diffusers baselines run on the same clock: `sequential` runs one request at a time in arrival
+order, `static` runs batches of waiting requests with equal parameters to completion (as
+benchmarks/throughput.py serves them on real hardware). A pipeline call takes what the profile's
+`diffusers` section predicts (fitted on timed calls of the pipeline, which runs its CFG branches
+as separate forwards and encodes prompts in the call); a profile without one (a GPU profile built
+from published step times) times diffusers with the engine's coefficients.
 
 Usage: python benchmarks/simulator.py --profile benchmarks/profiles/flux-dev-h100.json --num-requests 10000
 """
@@ -21,6 +24,7 @@ import json
 import random
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.contract.errors import DeadlineUnmeetableError  # noqa: E402
 from engine.contract.messages import StepBatch, StepOutput, StepResults  # noqa: E402
 from engine.contract.sampling_params import SamplingParams  # noqa: E402
-from engine.core.cost_model import CostModel, RequestShape, batch_features  # noqa: E402
+from engine.core.cost_model import FEATURES, CostModel, RequestShape, batch_features  # noqa: E402
 from engine.core.policy import make_policy  # noqa: E402
 from engine.core.request import Request  # noqa: E402
 from engine.core.scheduler import StepScheduler  # noqa: E402
@@ -65,19 +69,27 @@ class Outcome:
 
 class Profile:
     """A cost profile: the step-time coefficients and the model geometry that turns a request's
-    size into its shape (rows, image tokens, text tokens)."""
+    size into its shape (rows, image tokens, text tokens). `speed` scales every time (a machine
+    running slower than when the profile was taken: 1.1 is 10% slower)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, speed: float = 1.0):
         self.path = Path(path)
         self.data = json.loads(self.path.read_text())
-        self.cost = CostModel.load(self.path)
+        self.speed = speed
+        self.cost = self._scaled(CostModel.load(self.path))
+        section = self.data.get("diffusers")
+        self.diffusers_cost = self._scaled(CostModel(section["coefficients"])) if section else self.cost
         geometry = self.data["geometry"]
         self.scale = geometry["vae_scale"] * geometry["patch"]
         self.rows = geometry["rows"]
         self.text_tokens = geometry["text_tokens"]
 
+    def _scaled(self, model: CostModel) -> CostModel:
+        return model if self.speed == 1.0 else CostModel(dict(zip(FEATURES, model.coef * self.speed)))
+
     def shape(self, height: int, width: int) -> RequestShape:
-        return RequestShape(self.rows, (height // self.scale) * (width // self.scale), self.text_tokens)
+        tokens = (height // self.scale) * (width // self.scale)
+        return RequestShape(self.rows, tokens, self.text_tokens, forward_key=(height, width))
 
     def alone_s(self, steps: int, height: int, width: int) -> float:
         """A request's service time with the workers to itself (one batch per step)."""
@@ -86,7 +98,7 @@ class Profile:
 
     def fresh_model(self) -> CostModel:
         """What a policy starts from: the profile, refitted online from then on."""
-        return CostModel.load(self.path)
+        return self._scaled(CostModel.load(self.path))
 
 
 _PIXEL = np.zeros((1, 1, 1, 3), np.float32)  # what a finished request returns (the scheduler wants an image)
@@ -126,12 +138,20 @@ def simulate_stepweave(
     admission: str = "reject",
     noise: float = 0.0,
     seed: int = 0,
+    in_flight: int = 2,
 ) -> list[Outcome]:
-    """Serve `specs` with the real scheduler under `policy`; batch times from the profile."""
+    """Serve `specs` with the real scheduler under `policy`; batch times from the profile.
+
+    `in_flight=2` is the engine's async scheduling (worker processes, the default): the engine
+    schedules a batch while the workers run the one before, so each batch is chosen one batch
+    ahead of running, and a request that arrives while a batch runs is seen when that batch's
+    results come back. 1 is synchronous scheduling (an in-process engine)."""
     rng = random.Random(seed)
     model = profile.fresh_model()
     scheduler = StepScheduler(
         max_num_seqs,
+        max_batches_in_flight=in_flight,
+        overlap=in_flight > 1,
         max_paused=max_paused,
         policy=make_policy(policy, model, take_turns=max_paused > 0, deadline_admission=admission),
     )
@@ -140,7 +160,8 @@ def simulate_stepweave(
     by_id: dict[str, Request] = {}
     outcomes: dict[int, Outcome] = {}
     pending = sorted(specs, key=lambda s: s.arrival)
-    clock, nxt = 0.0, 0
+    queued: deque = deque()  # (batch, its seconds) submitted to the workers, oldest first
+    clock, free_at, nxt = 0.0, 0.0, 0  # free_at: when the workers finish what they were given
     while nxt < len(pending) or scheduler.has_work():
         while nxt < len(pending) and pending[nxt].arrival <= clock:
             spec = pending[nxt]
@@ -152,20 +173,23 @@ def simulate_stepweave(
             except DeadlineUnmeetableError:
                 continue
             by_id[request.request_id] = request
-        batch = scheduler.schedule(clock)
-        if batch is None:
+        while (batch := scheduler.schedule(clock)) is not None:
+            ids = [n.request_id for n in batch.new] + batch.cached
+            shapes = [by_id[i].shape for i in ids]
+            finishing = [by_id[i].shape for i in ids if by_id[i].steps_scheduled == by_id[i].num_steps]
+            seconds = truth.predict(batch_features(shapes, len(batch.new), finishing))
+            if noise:
+                seconds *= rng.lognormvariate(0.0, noise)
+            free_at = max(free_at, clock) + seconds
+            queued.append((batch, seconds, free_at))
+        if not queued:
             if nxt >= len(pending):
                 break
             clock = max(clock, pending[nxt].arrival)
             continue
-        ids = [n.request_id for n in batch.new] + batch.cached
-        shapes = [by_id[i].shape for i in ids]
-        finishing = [by_id[i].shape for i in ids if by_id[i].steps_scheduled == by_id[i].num_steps]
-        seconds = truth.predict(batch_features(shapes, len(batch.new), finishing))
-        if noise:
-            seconds *= rng.lognormvariate(0.0, noise)
-        clock += seconds
-        for out in scheduler.update(workers.run(batch, seconds), clock):
+        batch, seconds, done_at = queued.popleft()  # the engine waits for the oldest batch's results
+        clock = done_at
+        for out in scheduler.update(workers.run(batch, seconds), clock, seconds=seconds):
             if out.finished:
                 outcomes[int(out.request_id)].finish = clock
                 del by_id[out.request_id]
@@ -186,6 +210,16 @@ def _request(spec: Spec, profile: Profile) -> Request:
     return request
 
 
+def call_features(shapes: list[RequestShape], steps: int) -> list:
+    """The cost features of one pipeline call on `shapes` (a model is linear in its features,
+    so a call's are the sum of its batches'): `steps` denoising steps, the prompts' encoding,
+    one decode."""
+    step = batch_features(shapes)
+    first = batch_features(shapes, len(shapes))
+    last = batch_features(shapes, 0, shapes)
+    return [steps * a + (b - a) + (c - a) for a, b, c in zip(step, first, last)]
+
+
 def simulate_diffusers(specs: list[Spec], profile: Profile, max_batch: int = 1) -> list[Outcome]:
     """diffusers' pipeline on the simulated clock: max_batch=1 is sequential serving, otherwise
     static batches of waiting requests with equal steps and size, each run to completion."""
@@ -203,10 +237,7 @@ def simulate_diffusers(specs: list[Spec], profile: Profile, max_batch: int = 1) 
         same = [s for s in arrived if (s.steps, s.height, s.width) == (head.steps, head.height, head.width)]
         batch = same[:max_batch]
         shapes = [profile.shape(s.height, s.width) for s in batch]
-        step = profile.cost.predict(batch_features(shapes))
-        first = profile.cost.predict(batch_features(shapes, len(batch))) - step
-        last = profile.cost.predict(batch_features(shapes, 0, shapes)) - step
-        clock += head.steps * step + first + last
+        clock += profile.diffusers_cost.predict(call_features(shapes, head.steps))
         taken = {s.index for s in batch}
         arrived = [s for s in arrived if s.index not in taken]
         for s in batch:

@@ -278,3 +278,23 @@ def test_slo_simulation_smoke(tmp_path):
         >= run["goals"]["deadline_long_count"]
     )
     assert json.loads((tmp_path / "slo.json").read_text())["sim"]["flux-dev-h100"]["loads"] == [0.2, 0.6, 1.0]
+
+
+def test_the_simulator_schedules_one_batch_ahead_as_the_engine_does_and_times_diffusers_apart(tmp_path):
+    """With async scheduling (the engine's default) a request arriving while a batch runs is
+    seen when that batch's results come back and joins the batch after the one already queued;
+    a profile's `diffusers` section times diffusers' pipeline calls, not the engine's batches."""
+    from benchmarks.simulator import Profile, Spec, simulate_diffusers, simulate_stepweave
+
+    geometry = {"vae_scale": 8, "patch": 2, "rows": 2, "text_tokens": 8}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"name": "x", "geometry": geometry, "coefficients": {"batch": 1.0}}))
+    specs = [Spec(0, 0.0, "long", 3, 64, 64, None), Spec(1, 0.5, "short", 1, 64, 64, None)]
+    sync = simulate_stepweave(specs, Profile(path), "fcfs", in_flight=1)
+    ahead = simulate_stepweave(specs, Profile(path), "fcfs", in_flight=2)
+    assert [o.finish for o in sync] == [3.0, 2.0]  # the short one joins batch 2, at 1 s
+    assert [o.finish for o in ahead] == [3.0, 3.0]  # batch 2 was chosen at 0 s: it joins batch 3
+    assert simulate_diffusers(specs[:1], Profile(path))[0].finish == 3.0
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "diffusers": {"coefficients": {"batch": 2.0}}}))
+    assert simulate_diffusers(specs[:1], Profile(path))[0].finish == 6.0
