@@ -30,7 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.simulator import Outcome, Profile, Spec, simulate_diffusers, simulate_stepweave  # noqa: E402
+from benchmarks.simulator import (  # noqa: E402
+    Outcome,
+    Profile,
+    Spec,
+    call_features,
+    simulate_diffusers,
+    simulate_stepweave,
+)
 
 # Per model: the two request classes. share: fraction of requests; slo: deadline / service alone.
 WORKLOADS = {
@@ -177,7 +184,12 @@ def run_sim(profile_path: str, loads: list[float] | None, num: int, seed: int) -
 
 # -- real ----------------------------------------------------------------------------------------
 def run_real(profile_path: str, loads: list[float], num: int, seed: int, partial: str | None = None) -> dict:
-    """The real engine and diffusers on small-qwen-image, then the simulator on the same requests."""
+    """The real engine and diffusers on small-qwen-image, then the simulator on the same requests:
+    `simulated` with the profile (`measure`: measured by benchmarks/cost_profile.py just before,
+    so the machine's speed is today's), `calibrated` with step costs refitted from the batches
+    and pipeline calls this run measured (what is left is the simulator's scheduling, not its
+    cost model), and `paced` with those costs scaled to how fast the machine ran while each
+    system and load was measured (a shared machine's speed drifts by 10-20% over minutes)."""
     import diffusers
     import torch
 
@@ -185,6 +197,13 @@ def run_real(profile_path: str, loads: list[float], num: int, seed: int, partial
     from pipelines.model_info import ModelInfo
 
     torch.set_num_threads(1)
+    scratch = Path(tempfile.mkdtemp(prefix="slo-real-"))
+    if profile_path == "measure":
+        from benchmarks import cost_profile
+
+        say("real: measuring the cost profile first")
+        profile_path = str(scratch / "small-qwen-image-measured.json")
+        cost_profile.main(["--model", "small-qwen-image", "--out", profile_path])
     profile = Profile(profile_path)
     classes = workload_classes(profile)
     info = ModelInfo.load(profile.data["name"])
@@ -192,12 +211,16 @@ def run_real(profile_path: str, loads: list[float], num: int, seed: int, partial
     pipe.set_progress_bar_config(disable=True)
     workloads = {load: make_workload(num, load, classes, profile, seed) for load in loads}
     measured: dict[str, list] = {}
+    calls: list = []  # (features, seconds) of every diffusers pipeline call
+    phases: dict = {}  # (system, load) -> the slice of `calls` or `batches` it measured
     for name, max_batch in (("diffusers-sequential", 1), ("diffusers-static", MAX_NUM_SEQS)):
         for load in loads:
             say(f"real: {name} at load {load}")
-            measured.setdefault(name, []).append(
-                summarize(_serve_diffusers(throughput, pipe, workloads[load], max_batch))
-            )
+            start = len(calls)
+            outcomes = _serve_diffusers(throughput, pipe, workloads[load], max_batch, profile, calls)
+            measured.setdefault(name, []).append(summarize(outcomes))
+            phases[name, load] = slice(start, len(calls))
+    batches: list = []  # (features, seconds) of every engine step batch
     for policy in POLICIES:
         from engine import AsyncEngine
 
@@ -210,30 +233,98 @@ def run_real(profile_path: str, loads: list[float], num: int, seed: int, partial
         )
         try:
             asyncio.run(_serve_engine(engine, workloads[loads[0]][:2]))  # warm-up
+            _record_batches(engine.core.scheduler.cost_model, batches)
             for load in loads:
                 say(f"real: stepweave-{policy} at load {load}")
+                start = len(batches)
                 outcomes = asyncio.run(_serve_engine(engine, workloads[load]))
                 measured.setdefault(f"stepweave-{policy}", []).append(summarize(outcomes))
+                phases[f"stepweave-{policy}", load] = slice(start, len(batches))
                 _save_partial(partial, measured)
         finally:
             engine.shutdown()
-    predicted: dict[str, list] = {}
-    for load in loads:
-        specs = workloads[load]
-        predicted.setdefault("diffusers-sequential", []).append(summarize(simulate_diffusers(specs, profile, 1)))
-        predicted.setdefault("diffusers-static", []).append(summarize(simulate_diffusers(specs, profile, MAX_NUM_SEQS)))
-        for policy in POLICIES:
-            outcomes = simulate_stepweave(specs, profile, policy, MAX_NUM_SEQS, MAX_PAUSED)
-            predicted.setdefault(f"stepweave-{policy}", []).append(summarize(outcomes))
+    hindsight, noise = _refit(profile, batches, calls, scratch / "small-qwen-image-calibrated.json")
+    calibrated = Profile(hindsight)
+    # how fast the machine ran while each system and load was measured, against the refitted costs
+    speed = {}
+    for (name, load), part in phases.items():
+        model, done = (calibrated.diffusers_cost, calls) if name.startswith("diffusers") else (calibrated.cost, batches)
+        modelled = sum(model.predict(features) for features, _ in done[part])
+        speed.setdefault(name, []).append(sum(seconds for _, seconds in done[part]) / modelled if modelled else 1.0)
+    predicted = _simulate_same(workloads, loads, lambda name, i: profile, 0.0)
+    refitted = _simulate_same(workloads, loads, lambda name, i: calibrated, noise)
+    paced = _simulate_same(workloads, loads, lambda name, i: Profile(hindsight, speed[name][i]), noise)
     return {
-        "profile": profile_path,
+        "profile": profile.data,
+        "calibrated_profile": calibrated.data,
+        "calibrated_noise": noise,
+        "machine_speed": speed,
         "classes": classes,
         "num_requests": num,
         "loads": loads,
         "systems": measured,
         "simulated": predicted,
+        "calibrated": refitted,
+        "paced": paced,
         "sim_error": sim_error(measured, predicted),
+        "calibrated_error": sim_error(measured, refitted),
+        "paced_error": sim_error(measured, paced),
     }
+
+
+def _simulate_same(workloads: dict, loads: list[float], profile_for, noise: float) -> dict:
+    """The simulator on the real run's requests, each system and load with `profile_for(system,
+    load index)` (the stepweave runs with batch-time noise `noise`, the spread of
+    log(measured / modelled) batch time)."""
+    predicted: dict[str, list] = {}
+    for i, load in enumerate(loads):
+        specs = workloads[load]
+        for name, batch in (("diffusers-sequential", 1), ("diffusers-static", MAX_NUM_SEQS)):
+            outcomes = simulate_diffusers(specs, profile_for(name, i), batch)
+            predicted.setdefault(name, []).append(summarize(outcomes))
+        for policy in POLICIES:
+            name = f"stepweave-{policy}"
+            outcomes = simulate_stepweave(specs, profile_for(name, i), policy, MAX_NUM_SEQS, MAX_PAUSED, noise=noise)
+            predicted.setdefault(name, []).append(summarize(outcomes))
+    return predicted
+
+
+def _record_batches(model, batches: list) -> None:
+    """Keep every batch the engine's cost model is shown (its own fit goes on as before)."""
+    observe = model.observe
+
+    def recording(features, seconds):
+        batches.append((list(features), seconds))
+        observe(features, seconds)
+
+    model.observe = recording
+
+
+def _refit(profile: Profile, batches: list, calls: list, path: Path) -> tuple[str, float]:
+    """A profile fitted on the run's own batches and calls, and the batch-time noise around it."""
+    import numpy as np
+
+    from engine.core.cost_model import CostModel
+
+    engine_model = CostModel(window=max(1, len(batches)), refit_every=1 << 30)
+    for features, seconds in batches:
+        engine_model.observe(features, seconds)
+    engine_model.refit()
+    diffusers_model = CostModel(window=max(1, len(calls)), refit_every=1 << 30)
+    for features, seconds in calls:
+        diffusers_model.observe(features, seconds)
+    diffusers_model.refit()
+    modelled = [(seconds, engine_model.predict(f)) for f, seconds in batches]
+    ratios = [seconds / p for seconds, p in modelled if seconds > 0 and p > 0]
+    noise = float(np.std(np.log(ratios))) if ratios else 0.0
+    report = engine_model.to_json(
+        name=profile.data["name"],
+        source=f"refitted on the {len(batches)} step batches and {len(calls)} pipeline calls of a real slo.py run",
+        geometry=profile.data["geometry"],
+    )
+    report["diffusers"] = diffusers_model.to_json()
+    path.write_text(json.dumps(report, indent=2))
+    return str(path), noise
 
 
 def _save_partial(path: str | None, measured: dict) -> None:
@@ -258,12 +349,18 @@ def sim_error(measured: dict, predicted: dict) -> dict:
             rows.append(row)
         errors[name] = rows
     values = [v for rows in errors.values() for row in rows for v in row.values() if v is not None]
-    return {"by_system": errors, "worst": max(values, default=None)}
+    ours = [v for name, rows in errors.items() if name.startswith("stepweave") for row in rows for v in row.values()]
+    return {
+        "by_system": errors,
+        "worst": max(values, default=None),
+        "worst_stepweave": max((v for v in ours if v is not None), default=None),
+    }
 
 
-def _serve_diffusers(throughput, pipe, specs: list[Spec], max_batch: int) -> list[Outcome]:
+def _serve_diffusers(throughput, pipe, specs: list[Spec], max_batch: int, profile: Profile, calls: list):
     """diffusers' pipeline on a simulated clock with real compute (as throughput.py serves it),
-    batching waiting requests of equal steps and size."""
+    batching waiting requests of equal steps and size; every call's features and time go to
+    `calls`."""
     throughput.CFG_KEY = "true_cfg_scale"
     pending, clock, outcomes = list(specs), 0.0, {}
     while pending:
@@ -272,8 +369,9 @@ def _serve_diffusers(throughput, pipe, specs: list[Spec], max_batch: int) -> lis
         head = waiting[0]
         batch = [s for s in waiting if (s.steps, s.height, s.width) == (head.steps, head.height, head.width)]
         batch = batch[:max_batch]
-        calls = [_throughput_spec(throughput, s) for s in batch]
-        clock += throughput._call(pipe, calls, (head.height, head.width))
+        seconds = throughput._call(pipe, [_throughput_spec(throughput, s) for s in batch], (head.height, head.width))
+        calls.append((call_features([profile.shape(s.height, s.width) for s in batch], head.steps), seconds))
+        clock += seconds
         for s in batch:
             outcomes[s.index] = Outcome(s.kind, s.arrival, clock, s.deadline_s)
             pending.remove(s)
@@ -365,8 +463,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--sim-requests", type=int, default=10_000)
     parser.add_argument("--sim-loads", type=float, nargs="+", default=None, help="default: the workload's own")
     parser.add_argument("--real", action="store_true", help="also run the real engine on small-qwen-image")
-    parser.add_argument("--real-profile", default="benchmarks/profiles/small-qwen-image-cpu.json")
-    parser.add_argument("--real-requests", type=int, default=60)
+    parser.add_argument(
+        "--real-profile", default="measure", help="a cost profile, or 'measure' (cost_profile.py, just before)"
+    )
+    parser.add_argument("--real-requests", type=int, default=200)
     parser.add_argument("--real-loads", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/results/slo.json")
@@ -381,10 +481,11 @@ def main(argv=None) -> dict:
         partial = str(Path(tempfile.gettempdir()) / "slo_real.partial.json")
         report["real"] = run_real(args.real_profile, args.real_loads, args.real_requests, args.seed, partial)
         print_run("small-qwen-image (real)", report["real"])
-        print_run(
-            "small-qwen-image (simulated, same requests)", {**report["real"], "systems": report["real"]["simulated"]}
-        )
+        for kind in ("simulated", "calibrated", "paced"):
+            print_run(f"small-qwen-image ({kind}, same requests)", {**report["real"], "systems": report["real"][kind]})
         print(f"simulator vs real: worst relative error {report['real']['sim_error']['worst']}")
+        for kind in ("calibrated", "paced"):
+            print(f"{kind} simulator vs real: worst relative error {report['real'][f'{kind}_error']['worst']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     say(f"wrote {args.json}")
