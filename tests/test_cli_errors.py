@@ -97,7 +97,15 @@ def test_sigint_exits_130_without_traceback_and_leaves_no_process(tmp_path):
     command = [sys.executable, "-m", "engine.cli", "generate", "--steps", "1000", "--height", "512", "--width", "512"]
     command += ["--output", str(tmp_path / "x.png")]
     proc = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=tmp_path,
+        # as in a terminal: a job started in the background by a non-interactive shell (a CI
+        # script's `&`) inherits SIGINT ignored, and Python then leaves it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     cli = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120
