@@ -104,28 +104,34 @@ class Profile:
 _PIXEL = np.zeros((1, 1, 1, 3), np.float32)  # what a finished request returns (the scheduler wants an image)
 
 
-class _Workers:
-    """Count steps per request, as the real workers keep its state."""
+class StepCountingWorkers:
+    """Workers that only count steps: each request's count is its state, as the real workers keep
+    its latents; a dropped request's state is freed, a finished one frees its own. The simulator
+    drives the scheduler with them, and so do the scheduling tests (which also read `steps_run`)."""
 
-    def __init__(self) -> None:
-        self.done: dict[str, list[int]] = {}
+    def __init__(self, record_steps: bool = False) -> None:
+        self.state: dict[str, list[int]] = {}  # wire id -> [steps done, steps in all]
+        self.steps_run: dict[str, list[int]] = {}  # wire id -> the step numbers it ran (record_steps)
+        self.record_steps = record_steps
 
-    def run(self, batch: StepBatch, seconds: float) -> StepResults:
+    def run(self, batch: StepBatch, seconds: float = 0.0) -> StepResults:
         for wire_id in batch.drop:
-            self.done.pop(wire_id, None)
+            self.state.pop(wire_id, None)
         for new in batch.new:
-            self.done[new.request_id] = [0, new.params.num_inference_steps]
+            self.state[new.request_id] = [0, new.params.num_inference_steps]
         outputs = []
         for wire_id in [n.request_id for n in batch.new] + batch.cached:
-            state = self.done[wire_id]
-            state[0] += 1
-            finished = state[0] == state[1]
+            done = self.state[wire_id]
+            done[0] += 1
+            if self.record_steps:
+                self.steps_run.setdefault(wire_id, []).append(done[0])
+            finished = done[0] == done[1]
             image = _PIXEL if finished else None
             outputs.append(
-                StepOutput(request_id=wire_id, step=state[0], num_steps=state[1], finished=finished, image=image)
+                StepOutput(request_id=wire_id, step=done[0], num_steps=done[1], finished=finished, image=image)
             )
             if finished:
-                del self.done[wire_id]
+                del self.state[wire_id]
         return StepResults(step_id=batch.step_id, outputs=outputs, execute_s=seconds)
 
 
@@ -156,7 +162,7 @@ def simulate_stepweave(
         policy=make_policy(policy, model, take_turns=max_paused > 0, deadline_admission=admission),
     )
     truth = profile.cost
-    workers = _Workers()
+    workers = StepCountingWorkers()
     by_id: dict[str, Request] = {}
     outcomes: dict[int, Outcome] = {}
     pending = sorted(specs, key=lambda s: s.arrival)

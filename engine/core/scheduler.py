@@ -218,7 +218,7 @@ class StepScheduler:
         if not self.in_flight or not self.policy.uses_start_time:
             return 0.0
         predict = self.cost_model.predict
-        return sum(predict(features) for step, features in self._features.items() if step in self.in_flight)
+        return sum(predict(self._features[step]) for step in self.in_flight if step in self._features)
 
     def _fits(self, request: Request) -> bool:
         """Admitting `request` keeps the running set within the memory budget. (The next
