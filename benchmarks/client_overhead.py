@@ -25,6 +25,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.plotting import headless_pyplot  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -175,11 +179,9 @@ def main(argv=None) -> dict:
 
 def _plot(r: dict, args, path: str) -> None:
     """Per-request time of each path, sequential and in a burst, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot(path)
+    if plt is None:
+        return
     fig, (seq, burst) = plt.subplots(1, 2, figsize=(9, 3.5))
     labels = ["embedded\nAsyncEngine", "AsyncEngine\nClient", "EngineClient"]
     seq.bar(

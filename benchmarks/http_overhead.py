@@ -31,6 +31,10 @@ import httpx
 import psutil
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.plotting import headless_pyplot  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -240,11 +244,9 @@ def main(argv=None) -> dict:
 
 
 def _plot(r: dict, args, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot(path)
+    if plt is None:
+        return
     fig, (seq, sat) = plt.subplots(1, 2, figsize=(10, 3.5))
     names = ["embedded", "async_client", "http", "gateway"]
     labels = ["embedded\nAsyncEngine", "AsyncEngine\nClient", "HTTP", "HTTP via\ngateway"]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.plotting import headless_pyplot
+
 
 def compare(
     model: str, layouts: dict, num_requests: int, steps: int, rounds: int = 3, single_repeats: int = 3
@@ -84,12 +86,9 @@ def compare(
 def write_report(report: dict, json_path: str, plot_path: str | None, title: str) -> None:
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(report, indent=2))
-    if not plot_path:
+    plt = headless_pyplot(plot_path) if plot_path else None
+    if plt is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     systems = report["systems"]
     names = list(systems)

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.plotting import headless_pyplot  # noqa: E402
 
 DEFAULT_STEPS = 20  # SamplingParams' default
 
@@ -119,11 +124,9 @@ def main(argv=None) -> dict:
 
 def _plot(r: dict, args, path: str) -> None:
     """Per-digit accuracy at the defaults, accuracy against steps, and against CFG scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot(path)
+    if plt is None:
+        return
     fig, (digits, steps, cfg) = plt.subplots(1, 3, figsize=(12, 3.5))
     digits.bar(range(10), r["per_digit_default"], color="C0")
     digits.set_xticks(range(10))

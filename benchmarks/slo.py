@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.plotting import headless_pyplot  # noqa: E402
 from benchmarks.simulator import (  # noqa: E402
     Outcome,
     Profile,
@@ -182,13 +183,9 @@ def run_sim(profile_path: str, loads: list[float] | None, num: int, seed: int) -
 
 # -- report --------------------------------------------------------------------------------------
 def plot(report: dict, path: str) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        say(f"plot skipped: matplotlib is not installed (pip install -e '.[bench]'); {path} not written")
+    plt = headless_pyplot(path)
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     panels = [(f"{name} (simulated)", run) for name, run in report["sim"].items()]
     if report.get("real"):

@@ -35,6 +35,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.plotting import headless_pyplot  # noqa: E402
+
 PROMPTS = [
     "a lighthouse on a cliff at dusk",
     "an old map of a harbour town",
@@ -224,14 +226,9 @@ def summarize(done: list[Done], occupancy: float) -> dict:
 
 def plot(report: dict, path: str) -> bool:
     """Latency CDFs and throughput bars; False (with a note) when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        say(f"plot skipped: matplotlib is not installed (pip install -e '.[bench]'); {path} not written")
+    plt = headless_pyplot(path)
+    if plt is None:
         return False
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (cdf, bars) = plt.subplots(1, 2, figsize=(10, 4))
     for name, system in report["systems"].items():

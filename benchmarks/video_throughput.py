@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.plotting import headless_pyplot  # noqa: E402
+
 PROMPTS = ["waves breaking on a beach at dawn", "a red fox running through snow", "rain on a city street at night"]
 NEGATIVE = "blurry, static"
 
@@ -168,13 +170,8 @@ def main(argv=None) -> dict:
 
 
 def _plot(report: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is missing: no plot (pip install -e '.[bench]')", file=sys.stderr)
+    plt = headless_pyplot(path)
+    if plt is None:
         return
     names = list(report["systems"])
     values = [report["systems"][n]["throughput_rps"] for n in names]
