@@ -36,11 +36,13 @@ def clip_text_encoder(tokenizer, *, hidden: int, projection: int | None = None):
     return CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
 
 
-def t5_encoder(tokenizer, *, d_model: int):
-    """A tiny T5 v1.1 encoder (gated GELU feed-forward, as in the T5-XXL these pipelines use)."""
-    from transformers import T5Config, T5EncoderModel
+def t5_encoder(tokenizer, *, d_model: int, umt5: bool = False):
+    """A tiny T5 v1.1 encoder (gated GELU feed-forward, as in the T5-XXL these pipelines use), or
+    with `umt5` its UMT5 variant (per-layer relative position buckets: what WanPipeline loads)."""
+    import transformers
 
-    config = T5Config(
+    config_class, model_class = ("UMT5Config", "UMT5EncoderModel") if umt5 else ("T5Config", "T5EncoderModel")
+    config = getattr(transformers, config_class)(
         vocab_size=vocab_rows(tokenizer),
         d_model=d_model,
         d_kv=d_model // 2,
@@ -55,7 +57,7 @@ def t5_encoder(tokenizer, *, d_model: int):
         decoder_start_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return T5EncoderModel(config)
+    return getattr(transformers, model_class)(config)
 
 
 def kl_vae(*, scaling_factor: float, shift_factor: float):

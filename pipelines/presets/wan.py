@@ -13,7 +13,7 @@ Two configurations, as Wan ships them:
 from __future__ import annotations
 
 from pipelines.presets.common import init_linears_, seeded
-from pipelines.presets.components import LATENT_CHANNELS, vocab_rows
+from pipelines.presets.components import LATENT_CHANNELS, t5_encoder
 
 _TEXT_HIDDEN = 32  # the transformer's text_dim
 # Wan pads every prompt to max_sequence_length tokens (diffusers' default: 512).
@@ -32,28 +32,6 @@ def _scheduler(flow_shift: float):
         use_flow_sigmas=True,
         flow_shift=flow_shift,
     )
-
-
-def _text_encoder(tokenizer):
-    """A tiny UMT5 encoder (what WanPipeline loads; per-layer relative position buckets)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=vocab_rows(tokenizer),
-        d_model=_TEXT_HIDDEN,
-        d_kv=_TEXT_HIDDEN // 2,
-        d_ff=2 * _TEXT_HIDDEN,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return UMT5EncoderModel(config)
 
 
 def _transformer():
@@ -106,7 +84,7 @@ def tiny_wan(two_experts: bool):
     tokenizer = build_t5_tokenizer(_TEXT_MAX_LENGTH)
     return WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=seeded(3, lambda: _text_encoder(tokenizer)),
+        text_encoder=seeded(3, lambda: t5_encoder(tokenizer, d_model=_TEXT_HIDDEN, umt5=True)),
         vae=seeded(2, _vae),
         scheduler=_scheduler(flow_shift=3.0),
         transformer=seeded(1, _transformer),
